@@ -1,0 +1,149 @@
+"""Train a 3D U-Net on MSD Task04 (hippocampus). Wiring only: each step lives in utils/.
+
+    python main.py -mixed_precision True -Nit 250
+    python main.py -fine_tune True -train_from_checkpoint best_models/best.pt
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+import torchio
+from monai.losses import DiceCELoss
+
+from utils.args import Config, explicit_options, parse_args
+from utils.checkpoint import check_same_model, load_checkpoint
+from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
+from utils.download import locate_task
+from utils.errors import CheckpointError, UserError
+from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
+from utils.trainer_class import NonFiniteLossError, Trainer
+
+POLY_POWER = 0.9   # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("-device cuda was requested but PyTorch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}). Use -device cpu, or -device auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
+    """The interrupted run's config and last.pt, with options typed on this command line on top."""
+    last = Path(config.best_models_dir) / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"Nothing to resume: {last} does not exist. Start a new run without "
+                              f"-resume, or point -best_models_dir at the folder of the run to continue.")
+    state = load_checkpoint(last)
+    saved = {**state["config"], **explicit_options(argv), "resume": True}
+    return Config(**saved), state
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "torchio": torchio.__version__, "numpy": np.__version__}
+
+
+def run(config: Config, argv: list[str] | None = None) -> Path:
+    """Train as `config` says; return the run folder."""
+    resume_state = None
+    if config.resume:
+        config, resume_state = resumed_config(config, argv)
+    run_dir = Path(config.best_models_dir)
+    if resume_state is None and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
+                        f"Continue it with -resume True, or choose another -best_models_dir.")
+    device = choose_device(config.device)
+    seed_everything(config.random_seed)
+
+    # Data
+    info = read_task(locate_task(config.data_dir, config.task, config.google_id))
+    architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
+    cases, preprocessing = load_cases(info, downsampling_factor(architecture))
+    if resume_state is not None:
+        split = resume_state["split"]
+        if Preprocessing.from_dict(resume_state["preprocessing"]) != preprocessing:
+            raise UserError(f"The data in {info.task_dir} preprocesses differently from the run being "
+                            f"resumed. Use the same -data_dir as that run.")
+    else:
+        split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
+    train_cases, val_cases = cases.subset(split["train"]), cases.subset(split["val"])
+    if config.batch_size > len(train_cases):
+        print(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
+              f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
+              "batch holds each training case once."))
+    loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
+                          config.random_seed, pin_memory=device.type == "cuda")
+    print(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
+          f"{preprocessing.target_shape}; {len(loader)} iterations per epoch")
+
+    # Model
+    model = build_model(architecture)
+    if config.train_from_checkpoint and resume_state is None:
+        start = load_checkpoint(config.train_from_checkpoint)
+        check_same_model(start, architecture, config.train_from_checkpoint)
+        model.load_state_dict(start["model"])
+        print(f"Starting from the weights in {config.train_from_checkpoint}")
+    if config.fine_tune:
+        trainable, total = freeze_all_but_last_layer(model)
+        print(f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters")
+    else:
+        trainable, total = count_parameters(model)
+        print(f"Model: MONAI UNet, channels {config.channels}, {total:,} parameters")
+    model.to(device)
+
+    # Training
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs, power=POLY_POWER)
+    run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
+                "label_names": {str(k): v for k, v in info.label_names.items()}}
+    trainer = Trainer(model, DiceCELoss(to_onehot_y=True, softmax=True), optimizer, scheduler, loader,
+                      val_cases, config, run_dir, device, info.foreground_names, run_info)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        print(f"Resuming {run_dir} after epoch {trainer.epoch}")
+    (run_dir / "config.json").write_text(json.dumps(
+        {"config": config.to_dict(), "versions": versions(), **run_info}, indent=2))
+    trainer.training_loop()
+    print(f"Done. Best validation mean Dice {trainer.best_metric:.4f}; checkpoints, metrics.csv and "
+          f"config.json are in {run_dir}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        run(config, argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as error:
+        print(f"error: {error} The last good checkpoints in {config.best_models_dir} are kept.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. The last completed epoch is saved in {config.best_models_dir}/last.pt; "
+              f"continue with: python main.py -best_models_dir {config.best_models_dir} -resume True",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

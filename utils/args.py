@@ -1,0 +1,197 @@
+"""Command-line options: their names, defaults, help texts and value checks. Nothing else.
+
+Every option is single-dash (``-batch_size 16``) because that is what users already type.
+`parse_args` returns a typed `Config`; the notebook builds the same `Config` from a dict with
+`config_from_dict`, so both go through the defaults defined here and only here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Sequence
+
+TRUE_WORDS = {"true", "yes", "y", "1", "on"}
+FALSE_WORDS = {"false", "no", "n", "0", "off"}
+
+
+def str2bool(text: str) -> bool:
+    """'True'/'False' (also yes/no/1/0, any case) -> bool."""
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not a boolean; use True or False (also yes/no/1/0)")
+
+
+def optional(kind):
+    """Wrap a type so that the word 'None' gives None (e.g. ``-Nit None``)."""
+    def parse(text: str):
+        return None if str(text).strip().lower() == "none" else kind(text)
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; it must be 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; it must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number greater than 0")
+    return value
+
+
+def open_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1); use e.g. 0.8 for 80%% training cases")
+    return value
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file at '{text}'; check the path")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a 3D U-Net to segment the hippocampus (MSD Task04) with plain PyTorch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    flag = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
+
+    data = p.add_argument_group("data")
+    data.add_argument("-task", type=str, default="Task04_Hippocampus", help="MSD task to download")
+    data.add_argument("-google_id", type=str, default="1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C",
+                      help="Google Drive id of the task archive")
+    data.add_argument("-data_dir", type=str, default="data",
+                      help="where the data is, or goes: an extracted task folder, the task's .tar, "
+                           "or a folder to download into")
+    data.add_argument("-train_val_ratio", type=open_ratio, default=0.8,
+                      help="fraction of labelled cases used for training")
+    data.add_argument("-num_workers", type=non_negative_int, default=0,
+                      help="DataLoader worker processes for augmentation (0: in the main process)")
+
+    train = p.add_argument_group("training")
+    train.add_argument("-batch_size", type=positive_int, default=16, help="samples per iteration")
+    train.add_argument("-epochs", type=positive_int, default=100, help="number of epochs")
+    train.add_argument("-Nit", type=optional(positive_int), default=None,
+                       help="iterations per epoch; None means one pass over the training set")
+    train.add_argument("-lr", type=positive_float, default=0.01, help="initial learning rate")
+    train.add_argument("-momentum", type=float, default=0.99, help="SGD (Nesterov) momentum")
+    train.add_argument("-weight_decay", type=float, default=3e-5, help="SGD weight decay")
+    train.add_argument("-early_stopping", type=optional(positive_int), default=None,
+                       help="patience in epochs; None disables it")
+    train.add_argument("-max_minutes", type=optional(positive_float), default=None,
+                       help="stop after this many minutes of wall time (validating and saving as "
+                            "usual); None means no limit")
+    train.add_argument("-mixed_precision", default=True, help="automatic mixed precision "
+                       "(fp16 + GradScaler on CUDA, bf16 on CPU)", **flag)
+    train.add_argument("-augment", default=True, help="random augmentation of training samples", **flag)
+    train.add_argument("-random_seed", type=int, default=42, help="seed of every random generator")
+    train.add_argument("-device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where to train; auto picks cuda when available")
+
+    model = p.add_argument_group("model")
+    model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
+                       help="U-Net feature channels per level; each level after the first halves "
+                            "the resolution")
+    model.add_argument("-num_res_units", type=non_negative_int, default=2,
+                       help="residual units per U-Net block")
+
+    run = p.add_argument_group("checkpoints")
+    run.add_argument("-best_models_dir", type=str, default="best_models",
+                     help="run folder: checkpoints, metrics.csv, config.json")
+    run.add_argument("-train_from_checkpoint", type=optional(existing_file), default=None,
+                     help="path of weights to start from; None means random weights")
+    run.add_argument("-fine_tune", default=False,
+                     help="train only the last layer, freezing all others", **flag)
+    run.add_argument("-resume", default=False,
+                     help="continue the interrupted run in -best_models_dir from its last.pt", **flag)
+    return p
+
+
+@dataclasses.dataclass
+class Config:
+    """Every option, typed. Field names are the option names without the dash."""
+    task: str
+    google_id: str
+    data_dir: str
+    train_val_ratio: float
+    num_workers: int
+    batch_size: int
+    epochs: int
+    Nit: int | None
+    lr: float
+    momentum: float
+    weight_decay: float
+    early_stopping: int | None
+    max_minutes: float | None
+    mixed_precision: bool
+    augment: bool
+    random_seed: int
+    device: str
+    channels: list[int]
+    num_res_units: int
+    best_models_dir: str
+    train_from_checkpoint: str | None
+    fine_tune: bool
+    resume: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse command-line words (default: sys.argv) into a Config; bad values exit with usage."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    if len(namespace.channels) < 2:
+        parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
+    return Config(**vars(namespace))
+
+
+def explicit_options(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Only the options typed on the command line, e.g. to override a saved run's config."""
+    parser = build_parser()
+    parser.set_defaults(**{field.name: argparse.SUPPRESS for field in dataclasses.fields(Config)})
+    return vars(parser.parse_args(argv))
+
+
+def config_from_dict(options: dict[str, Any]) -> Config:
+    """Build a Config from {option name: value}, through the same parser and checks."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known options are {sorted(known)}")
+    argv: list[str] = []
+    for name, value in options.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"-{name}", *(str(v) for v in values)]
+    return parse_args(argv)

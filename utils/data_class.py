@@ -1,0 +1,287 @@
+"""Get, check, preprocess, split, sample and load the task's data.
+
+One batch, from disk to the loader:
+  dataset.json -> read and check each (image, label) pair -> preprocess once (canonical
+  orientation, per-volume z-score, crop/pad to one shape) -> tensors in memory -> seeded split
+  -> EvenSampler (Nit iterations per epoch) -> per-sample TorchIO augmentation -> batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils.errors import DataError
+
+
+@dataclasses.dataclass
+class TaskInfo:
+    """What dataset.json says about the task."""
+    task_dir: Path
+    label_names: dict[int, str]          # {0: "background", 1: "Anterior", 2: "Posterior"}
+    in_channels: int                     # number of modalities
+    pairs: list[tuple[Path, Path]]       # (image, label) of every labelled case
+    test_images: list[Path]              # unlabelled images (imagesTs), may be empty
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def foreground_names(self) -> list[str]:
+        return [name for value, name in sorted(self.label_names.items()) if value != 0]
+
+
+def case_id(path: Path) -> str:
+    """'imagesTr/hippocampus_001.nii.gz' -> 'hippocampus_001'."""
+    return path.name.split(".")[0]
+
+
+def read_task(task_dir: str | Path) -> TaskInfo:
+    """Read dataset.json and check that every file it lists exists."""
+    task_dir = Path(task_dir)
+    meta_path = task_dir / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        label_names = {int(value): str(name) for value, name in meta["labels"].items()}
+        in_channels = len(meta["modality"])
+        pairs = [(task_dir / item["image"], task_dir / item["label"]) for item in meta["training"]]
+        test_images = [task_dir / item for item in meta.get("test", [])]
+    except FileNotFoundError:
+        raise DataError(f"{meta_path} does not exist. -data_dir must point to an MSD task folder "
+                        f"(the one holding dataset.json, imagesTr/ and labelsTr/) or its .tar.") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"{meta_path} is malformed ({type(error).__name__}: {error}). It must be JSON "
+                        f"with 'labels', 'modality' and 'training' entries as in the MSD archives; "
+                        f"restore it from the original archive.") from None
+    if sorted(label_names) != list(range(len(label_names))) or len(label_names) < 2:
+        raise DataError(f"{meta_path} declares labels {sorted(label_names)}; they must be 0, 1, ... "
+                        f"with 0 for background and at least one foreground class.")
+    if not pairs:
+        raise DataError(f"{meta_path} lists no training cases.")
+    for image, label in pairs:
+        for path in (image, label):
+            if not path.is_file():
+                raise DataError(f"{path} is listed in {meta_path} but does not exist. Restore it from "
+                                f"the archive, or remove its entry from dataset.json.")
+    return TaskInfo(task_dir, label_names, in_channels, pairs, [p for p in test_images if p.is_file()])
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+@dataclasses.dataclass
+class Preprocessing:
+    """Deterministic preprocessing, saved in checkpoints so that prediction repeats it exactly."""
+    target_shape: tuple[int, int, int]
+    orientation: str = "RAS"             # canonical orientation, as tio.ToCanonical
+    normalisation: str = "zscore"        # per volume, so uint8 and float files end up alike
+
+    def transform(self) -> tio.Compose:
+        # ZNormalization (not a fixed scale) because the files come as uint8 0-255 and as float32
+        # in the thousands. Padding with 0 pads with the volume's mean intensity.
+        return tio.Compose([tio.ToCanonical(), tio.ZNormalization(), tio.CropOrPad(self.target_shape)])
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "target_shape": list(self.target_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{**d, "target_shape": tuple(d["target_shape"])})
+
+
+def shape_for(shapes: Sequence[Sequence[int]], divisor: int) -> tuple[int, int, int]:
+    """Smallest shape holding every volume whose sides are multiples of `divisor`."""
+    return tuple(int(math.ceil(max(s[axis] for s in shapes) / divisor) * divisor) for axis in range(3))
+
+
+def load_pair(image_path: Path, label_path: Path, label_values: set[int]) -> tio.Subject:
+    """Read one case, check it, and return it in canonical orientation."""
+    try:
+        subject = tio.Subject(image=tio.ScalarImage(image_path), label=tio.LabelMap(label_path))
+        subject.load()
+    except Exception as error:  # nibabel/SimpleITK raise many types for a broken file
+        raise DataError(f"Cannot read {image_path} or {label_path}: {error}. The file is corrupt or "
+                        f"truncated; restore it from the archive.") from None
+    image, label = subject.image, subject.label
+    if image.data.ndim != 4 or label.num_channels != 1:
+        raise DataError(f"{label_path} has {label.num_channels} channels; a label map has one.")
+    if image.spatial_shape != label.spatial_shape:
+        raise DataError(f"{image_path} has shape {image.spatial_shape} but its label {label_path} has "
+                        f"{label.spatial_shape}. Image and label must be on the same voxel grid.")
+    if not torch.allclose(torch.as_tensor(image.affine), torch.as_tensor(label.affine), atol=1e-3):
+        raise DataError(f"{image_path} and its label {label_path} have different affines (positions "
+                        f"in space):\n{image.affine}\nvs\n{label.affine}")
+    found = set(torch.unique(label.data).tolist())
+    if not found <= label_values:
+        raise DataError(f"{label_path} holds label values {sorted(found - label_values)} that "
+                        f"dataset.json does not declare (it declares {sorted(label_values)}).")
+    return tio.ToCanonical()(subject)
+
+
+@dataclasses.dataclass
+class Cases:
+    """Preprocessed cases in memory. images (N, C, D, H, W) float32, labels (N, 1, D, H, W) uint8.
+
+    `native_labels` and `uncrop` undo the crop/pad, so that metrics are computed on each case's
+    own voxel grid rather than on the padded training tensor.
+    """
+    ids: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+    native_labels: list[torch.Tensor]
+    uncrop: list[tio.Transform]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> "Cases":
+        where = {case: i for i, case in enumerate(self.ids)}
+        missing = [case for case in ids if case not in where]
+        if missing:
+            raise DataError(f"Cases {missing[:5]} of the saved split are not in the data set. Use the "
+                            f"same -data_dir as the run that made the checkpoint.")
+        index = [where[case] for case in ids]
+        return Cases(list(ids), self.images[index], self.labels[index],
+                     [self.native_labels[i] for i in index], [self.uncrop[i] for i in index])
+
+
+def load_cases(info: TaskInfo, divisor: int, progress: bool = True) -> tuple[Cases, Preprocessing]:
+    """Read, check and preprocess every labelled case once."""
+    from tqdm import tqdm
+
+    label_values = set(info.label_names)
+    subjects = [load_pair(image, label, label_values)
+                for image, label in tqdm(info.pairs, desc="reading cases", disable=not progress)]
+    preprocessing = Preprocessing(shape_for([s.spatial_shape for s in subjects], divisor))
+    # Orientation is already canonical; the remaining steps are normalise and crop/pad.
+    normalise_and_pad = tio.Compose(preprocessing.transform().transforms[1:])
+    done = [normalise_and_pad(s) for s in subjects]
+    cases = Cases(
+        ids=[case_id(image) for image, _ in info.pairs],
+        images=torch.stack([d.image.data.float() for d in done]),
+        labels=torch.stack([d.label.data.to(torch.uint8) for d in done]),
+        native_labels=[s.label.data.to(torch.uint8) for s in subjects],
+        uncrop=[d.get_inverse_transform(warn=False) for d in done],
+    )
+    return cases, preprocessing
+
+
+# ---------------------------------------------------------------- split and sampling
+
+
+def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int) -> dict[str, list[str]]:
+    """Seeded split into {'train': [...], 'val': [...]} case ids."""
+    n_train = round(len(ids) * train_val_ratio)
+    if n_train < 1 or n_train >= len(ids):
+        raise DataError(f"-train_val_ratio {train_val_ratio} with {len(ids)} cases gives {n_train} "
+                        f"training and {len(ids) - n_train} validation cases; both need at least one. "
+                        f"Choose a ratio between {1 / len(ids):.2f} and {1 - 1 / len(ids):.2f}.")
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"train": sorted(ids[i] for i in order[:n_train]), "val": sorted(ids[i] for i in order[n_train:])}
+
+
+class EvenSampler(Sampler[int]):
+    """Yields `samples_per_epoch` indices of range(n) per epoch, every case equally likely.
+
+    Within an epoch each case is drawn q = samples_per_epoch // n times (q shuffled passes), and
+    r = samples_per_epoch % n distinct cases are drawn once more. Those extras come from a queue of
+    random permutations that carries over from epoch to epoch, so every case gets its extra turn
+    before any case gets a second one: no case is starved, and within an epoch no case is drawn
+    more than once more than any other.
+    """
+
+    def __init__(self, n: int, samples_per_epoch: int, seed: int):
+        self.n, self.samples_per_epoch = n, samples_per_epoch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _permutation(self) -> list[int]:
+        return torch.randperm(self.n, generator=self.generator).tolist()
+
+    def _extras(self, count: int) -> list[int]:
+        """Take `count` distinct cases from the front of the carried-over queue."""
+        chosen: list[int] = []
+        position = 0
+        while len(chosen) < count:
+            if position == len(self.queue):
+                self.queue += self._permutation()
+            case = self.queue[position]
+            if case in chosen:
+                position += 1        # drawn already this epoch: keep its place for the next epoch
+            else:
+                chosen.append(self.queue.pop(position))
+        return chosen
+
+    def epoch_indices(self) -> list[int]:
+        passes, extra = divmod(self.samples_per_epoch, self.n)
+        indices = [i for _ in range(passes) for i in self._permutation()]
+        return indices + self._extras(extra)
+
+    def __iter__(self):
+        # Drawn up front, so the sampler's state after an epoch doesn't depend on loader prefetch.
+        return iter(self.epoch_indices())
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "queue": list(self.queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.queue = list(state["queue"])
+
+
+# ---------------------------------------------------------------- augmentation and loaders
+
+
+def augmentation() -> tio.Compose:
+    """Per-sample random augmentation of a preprocessed (image, label) subject.
+
+    Flips only left-right: an anterior-posterior flip would swap the meaning of the two labels.
+    """
+    return tio.Compose([
+        tio.RandomFlip(axes=(0,), flip_probability=0.5),
+        tio.RandomAffine(scales=0.1, degrees=10, p=0.5),
+        tio.RandomGamma(log_gamma=0.3, p=0.3),
+        tio.RandomNoise(std=0.1, p=0.3),
+    ])
+
+
+class SegmentationDataset(Dataset):
+    """(image, label) pairs from in-memory tensors, optionally augmented with TorchIO."""
+
+    def __init__(self, cases: Cases, transform: tio.Transform | None = None):
+        self.cases, self.transform = cases, transform
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.cases.images[index], self.cases.labels[index]
+        if self.transform is not None:
+            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=image),
+                                                 label=tio.LabelMap(tensor=label)))
+            image, label = subject.image.data, subject.label.data
+        return image, label
+
+
+def train_loader(cases: Cases, batch_size: int, Nit: int | None, augment: bool, num_workers: int,
+                 seed: int, pin_memory: bool = False) -> DataLoader:
+    """Loader of exactly `Nit` batches per epoch (or one pass over the cases when Nit is None)."""
+    samples = len(cases) if Nit is None else Nit * batch_size
+    sampler = EvenSampler(len(cases), samples, seed)
+    return DataLoader(
+        SegmentationDataset(cases, augmentation() if augment else None),
+        batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        # Workers are re-seeded every epoch from this generator, so a resumed run repeats the
+        # augmentations of an uninterrupted one (persistent workers would break that).
+        generator=torch.Generator().manual_seed(seed + 1),
+    )

@@ -1,0 +1,191 @@
+"""The Trainer: forward_pass -> backward_pass, epoch after epoch, with validation and checkpoints.
+
+It knows nothing about files beyond its run folder (`run_dir`), where it writes best.pt, last.pt
+and metrics.csv.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.args import Config
+from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
+from utils.data_class import Cases
+from utils.evaluation import evaluate
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoints."""
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
+                 val_cases: Cases, config: Config, run_dir: str | Path, device: torch.device,
+                 class_names: list[str], run_info: dict):
+        self.model, self.loss_fn = model, loss_fn
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_cases = train_loader, val_cases
+        self.config, self.device = config, device
+        self.run_dir = Path(run_dir)
+        self.class_names = class_names                  # foreground classes, e.g. Anterior, Posterior
+        self.run_info = run_info                        # split, preprocessing, model_config: kept in checkpoints
+
+        # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
+        # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
+        # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through).
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and device.type == "cuda")
+
+        self.epoch = 0                                  # epochs completed
+        self.best_metric = -math.inf                    # best validation mean Dice so far
+        self.epochs_without_improvement = 0
+        self.history: list[dict] = []                   # one row of metrics.csv per epoch
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------ one step
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.mixed_precision)
+
+    def forward_pass(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, D, H, W), labels (B, 1, D, H, W) -> (loss, logits (B, K, D, H, W))."""
+        images, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        with self.autocast():
+            logits = self.model(images)
+        # The loss (softmax, log, sums) is computed in fp32 for accuracy.
+        loss = self.loss_fn(logits.float(), labels.long())
+        return loss, logits
+
+    def backward_pass(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)                # skipped by the scaler if grads are inf/NaN
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------ one epoch
+
+    def time_is_up(self) -> bool:
+        limit = self.config.max_minutes
+        return limit is not None and time.monotonic() - self.started > limit * 60
+
+    def train_one_epoch(self) -> float:
+        """Train for one epoch (Nit iterations) and return the mean training loss."""
+        self.model.train()
+        total, count = torch.zeros((), device=self.device), 0
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False)
+        for iteration, batch in enumerate(bar, start=1):
+            loss, _ = self.forward_pass(batch)
+            if not torch.isfinite(loss) and not self.scaler.is_enabled():
+                # (With fp16 on CUDA the scaler skips such steps and lowers its scale instead.)
+                raise NonFiniteLossError(f"The training loss became {loss.item()} at epoch {self.epoch + 1}, "
+                                         f"iteration {iteration}. Try a lower -lr, or -mixed_precision False.")
+            self.backward_pass(loss)
+            total += loss.detach()                      # no .item() here: it would sync with the GPU
+            count += 1
+            if iteration % 10 == 0:
+                bar.set_postfix(loss=f"{total.item() / count:.4f}")
+            if self.time_is_up():
+                break
+        return total.item() / max(count, 1)
+
+    def validate(self) -> dict:
+        return evaluate(self.model, self.val_cases, self.config.batch_size, self.device, self.autocast,
+                        num_classes=len(self.class_names) + 1, loss_fn=self.loss_fn)
+
+    # ------------------------------------------------------------ the whole run
+
+    def training_loop(self) -> None:
+        self.started = time.monotonic()
+        if self.epoch == 0:   # so that even a run stopped in its first epoch can be resumed
+            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+        for epoch in range(self.epoch, self.config.epochs):
+            train_loss = self.train_one_epoch()
+            metrics = self.validate()
+            self.scheduler.step()
+            self.epoch = epoch + 1
+
+            mean_dice = metrics["dice"].mean().item()
+            improved = mean_dice > self.best_metric
+            if improved:
+                self.best_metric, self.epochs_without_improvement = mean_dice, 0
+            else:
+                self.epochs_without_improvement += 1
+            self.log(train_loss, metrics, improved)
+            if improved:
+                save_checkpoint(self.state_dict(), self.run_dir / "best.pt")
+            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+
+            patience = self.config.early_stopping
+            if patience is not None and self.epochs_without_improvement >= patience:
+                tqdm.write(f"Early stopping: no improvement for {patience} epochs. "
+                           f"Best mean Dice {self.best_metric:.4f} is in {self.run_dir / 'best.pt'}")
+                break
+            if self.time_is_up():
+                tqdm.write(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
+                break
+
+    def log(self, train_loss: float, metrics: dict, improved: bool) -> None:
+        row = {"epoch": self.epoch, "train_loss": round(train_loss, 6),
+               "val_loss": round(metrics["loss"], 6),
+               **{f"dice_{name}": round(d, 6) for name, d in zip(self.class_names, metrics["dice"].tolist())},
+               "dice_mean": round(metrics["dice"].mean().item(), 6),
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        self.history.append(row)
+        dice_text = " ".join(f"{name} {row[f'dice_{name}']:.4f}" for name in self.class_names)
+        tqdm.write(f"epoch {self.epoch:3d}/{self.config.epochs}  train loss {row['train_loss']:.4f}  "
+                   f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
+                   f"  ({(time.monotonic() - self.started) / 60:.1f} min)" + ("  *best*" if improved else ""))
+        self.write_metrics_csv()
+
+    def write_metrics_csv(self) -> None:
+        # Rewritten whole from the history every epoch, so after -resume it holds exactly the
+        # epochs of the checkpoint, never a duplicate row from an interrupted epoch.
+        path = self.run_dir / "metrics.csv"
+        temporary = path.with_suffix(".csv.tmp")
+        with open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(self.history[0]))
+            writer.writeheader()
+            writer.writerows(self.history)
+        temporary.replace(path)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        sampler = self.train_loader.sampler
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_metric": self.best_metric,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "history": self.history,
+            "config": self.config.to_dict(),
+            **self.run_info,
+            "rng": {**rng_states(), "sampler": sampler.state_dict(),
+                    "loader": self.train_loader.generator.get_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` (a last.pt) left off."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.best_metric = state["best_metric"]
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+        self.history = list(state["history"])
+        set_rng_states(state["rng"])
+        self.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
+        self.train_loader.generator.set_state(state["rng"]["loader"])
