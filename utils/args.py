@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 def explicit_options(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Only the options typed on the command line, e.g. to override a saved run's config."""
     parser = build_parser()
-    parser.set_defaults(**{field.name: argparse.SUPPRESS for field in dataclasses.fields(Config)})
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
     return vars(parser.parse_args(argv))
 
 

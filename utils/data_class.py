@@ -265,7 +265,9 @@ class SegmentationDataset(Dataset):
         return len(self.cases)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.cases.images[index], self.cases.labels[index]
+        # clone(): a slice shares the storage of all cases, and TorchIO's deep copy of the subject
+        # would copy every case (120 MB) for each sample.
+        image, label = self.cases.images[index].clone(), self.cases.labels[index].clone()
         if self.transform is not None:
             subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=image),
                                                  label=tio.LabelMap(tensor=label)))

@@ -1,0 +1,56 @@
+"""Fixtures: tiny synthetic MSD-style tasks written to a temporary folder (no real data needed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Options that make a run take seconds: a 2-level U-Net with few channels, few iterations.
+TINY = ["-channels", "4", "8", "-num_res_units", "0", "-batch_size", "2", "-Nit", "2", "-epochs", "2",
+        "-lr", "0.01"]
+
+
+def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int], as_uint8: bool):
+    """An image whose intensity follows a two-part label (1 anterior, 2 posterior), plus noise."""
+    label = np.zeros(shape, np.uint8)
+    cx, cy, cz = (s // 2 for s in shape)
+    label[cx - 2:cx + 2, cy - 3:cy, cz - 2:cz + 2] = 1
+    label[cx - 2:cx + 2, cy:cy + 3, cz - 2:cz + 2] = 2
+    image = 100 + 60 * label + rng.normal(0, 10, shape)
+    image = np.clip(image, 0, 255).astype(np.uint8) if as_uint8 else (image * 20).astype(np.float32)
+    return image, label
+
+
+def write_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task04_Hippocampus",
+               affine: np.ndarray | None = None) -> Path:
+    """Write an MSD-layout task folder (dataset.json, imagesTr/, labelsTr/) and return it."""
+    rng = np.random.default_rng(seed)
+    task = root / name
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    affine = np.eye(4) if affine is None else affine
+    training = []
+    for i in range(n_cases):
+        shape = tuple(int(s) for s in rng.integers([9, 11, 8], [13, 15, 12]))
+        image, label = synthetic_case(rng, shape, as_uint8=i % 3 == 0)
+        case = f"hippocampus_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), task / "imagesTr" / case)
+        nib.save(nib.Nifti1Image(label, affine), task / "labelsTr" / case)
+        training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
+    meta = {"name": "Hippocampus", "modality": {"0": "MRI"},
+            "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+            "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
+    (task / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return task
+
+
+@pytest.fixture
+def task_dir(tmp_path: Path) -> Path:
+    return write_task(tmp_path / "data")
