@@ -1,0 +1,115 @@
+"""End-to-end runs of main.py on tiny synthetic data: in-process for speed, and one subprocess."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main as entry
+from conftest import ROOT, TINY
+from utils.checkpoint import load_checkpoint
+from utils.model import build_model, last_layer
+from utils.trainer_class import Trainer
+
+
+def run_main(task_dir, run_dir, *extra) -> int:
+    return entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(run_dir), *TINY, *extra])
+
+
+def metrics(run_dir):
+    return list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+
+def test_training_writes_a_run_folder_and_learns(task_dir, tmp_path):
+    run = tmp_path / "run"
+    assert run_main(task_dir, run, "-epochs", "12", "-Nit", "4", "-lr", "0.05") == 0
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.json"):
+        assert (run / name).is_file(), name
+    rows = metrics(run)
+    assert len(rows) == 12
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert max(float(r["dice_mean"]) for r in rows) > 0.5
+
+
+def test_interrupted_run_resumes_to_the_same_result(task_dir, tmp_path, monkeypatch, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_main(task_dir, whole, "-epochs", "3") == 0
+
+    original = Trainer.validate
+    calls = []
+
+    def interrupt_in_epoch_two(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupt_in_epoch_two)
+    assert run_main(task_dir, parts, "-epochs", "3") == 130
+    assert "-resume True" in capsys.readouterr().err
+    assert load_checkpoint(parts / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "validate", original)
+
+    assert entry.main(["-best_models_dir", str(parts), "-resume", "True"]) == 0
+    assert metrics(parts) == metrics(whole)
+    a, b = load_checkpoint(whole / "last.pt")["model"], load_checkpoint(parts / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tune_trains_only_the_last_layer(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "base") == 0
+    start = tmp_path / "base" / "best.pt"
+    assert run_main(task_dir, tmp_path / "tuned", "-fine_tune", "True", "-train_from_checkpoint", str(start)) == 0
+    before = load_checkpoint(start)
+    after = load_checkpoint(tmp_path / "tuned" / "last.pt")
+    model = build_model(before["model_config"])
+    last = {f"{name}.{p}" for name, module in model.named_modules() if module is last_layer(model)
+            for p, _ in module.named_parameters()}
+    changed = {k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])}
+    assert changed == last
+    trainable = sum(before["model"][k].numel() for k in last)
+    total = sum(v.numel() for v in before["model"].values())
+    assert f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters" in capsys.readouterr().out
+
+
+def test_fine_tune_from_random_weights(task_dir, tmp_path):
+    assert run_main(task_dir, tmp_path / "run", "-fine_tune", "True") == 0
+
+
+def test_checkpoint_of_another_architecture_is_refused(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "base") == 0
+    code = run_main(task_dir, tmp_path / "other", "-channels", "4", "8", "16",
+                    "-train_from_checkpoint", str(tmp_path / "base" / "best.pt"))
+    assert code == 1
+    assert "holds a different network (channels: checkpoint [4, 8] vs now [4, 8, 16]" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_never_overwritten(task_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(task_dir, run) == 0
+    saved = (run / "best.pt").read_bytes()
+    assert run_main(task_dir, run) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "best.pt").read_bytes() == saved
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    assert entry.main(["-best_models_dir", str(tmp_path / "empty"), "-resume", "True"]) == 1
+    assert "Nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_without_a_gpu(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "run", "-device", "cuda") == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_command_line_in_a_subprocess(task_dir, tmp_path):
+    done = subprocess.run([sys.executable, "main.py", "-data_dir", str(task_dir), "-best_models_dir",
+                           str(tmp_path / "run"), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "epoch   2/2" in done.stdout and "Best validation mean Dice" in done.stdout
+    bad = subprocess.run([sys.executable, "main.py", "-data_dir", str(tmp_path / "nowhere.tar")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,121 @@
+import csv
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from utils.args import config_from_dict
+from utils.checkpoint import load_checkpoint
+from utils.data_class import load_cases, read_task, split_cases, train_loader
+from utils.model import build_model, model_config
+from utils.trainer_class import NonFiniteLossError, Trainer
+
+
+def make_trainer(task_dir, run_dir, **options) -> Trainer:
+    config = config_from_dict({"batch_size": 2, "Nit": 2, "epochs": 2, "channels": [4, 8],
+                               "num_res_units": 0, "best_models_dir": str(run_dir), **options})
+    torch.manual_seed(config.random_seed)
+    cases, preprocessing = load_cases(read_task(task_dir), divisor=2, progress=False)
+    split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
+    loader = train_loader(cases.subset(split["train"]), config.batch_size, config.Nit, True, 0, 0)
+    architecture = model_config(1, 3, config.channels, config.num_res_units)
+    model = build_model(architecture)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs)
+    run_dir.mkdir(exist_ok=True)
+    return Trainer(model, DiceCELoss(to_onehot_y=True, softmax=True), optimizer, scheduler, loader,
+                   cases.subset(split["val"]), config, run_dir, torch.device("cpu"),
+                   ["Anterior", "Posterior"],
+                   {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture})
+
+
+def test_forward_pass_gives_loss_and_logits(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run")
+    loss, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.dtype == torch.float32
+    assert logits.shape == (2, 3, 12, 14, 12)
+
+
+def test_cpu_mixed_precision_is_bf16_without_a_scaler(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True)
+    _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
+    assert logits.dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=False)
+    _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
+    assert logits.dtype == torch.float32
+
+
+def test_backward_pass_steps_and_zeroes_gradients(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    loss, _ = trainer.forward_pass(next(iter(trainer.train_loader)))
+    trainer.backward_pass(loss)
+    after = list(trainer.model.parameters())
+    assert all(p.grad is None for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
+    run = tmp_path / "run"
+    trainer = make_trainer(task_dir, run, epochs=3)
+    trainer.training_loop()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "dice_Anterior", "dice_Posterior",
+                            "dice_mean", "lr"}
+    last = load_checkpoint(run / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "config", "split",
+                "preprocessing", "model_config", "rng", "history"):
+        assert key in last
+    assert last["epoch"] == 3 and last["config"]["epochs"] == 3
+    assert set(last["rng"]) >= {"torch", "numpy", "python", "sampler", "loader"}
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_metric"] == pytest.approx(max(float(r["dice_mean"]) for r in rows), abs=1e-6)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_epoch_losses_are_means_over_the_epoch(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", Nit=3)
+    seen = []
+    original = trainer.forward_pass
+
+    def recording(batch):
+        loss, logits = original(batch)
+        seen.append(loss.item())
+        return loss, logits
+
+    trainer.forward_pass = recording
+    assert trainer.train_one_epoch() == pytest.approx(sum(seen) / 3)
+
+
+def test_non_finite_loss_stops_with_epoch_and_iteration(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=3)
+    calls = []
+    original = trainer.forward_pass
+
+    def poisoned(batch):
+        calls.append(1)
+        loss, logits = original(batch)
+        return (loss * float("nan") if len(calls) == 4 else loss), logits
+
+    trainer.forward_pass = poisoned
+    with pytest.raises(NonFiniteLossError, match="epoch 2, iteration 2"):
+        trainer.training_loop()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_early_stopping_stops_after_patience(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=10, early_stopping=2)
+    dice = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9])
+    original = trainer.validate
+
+    def scripted():
+        metrics = original()
+        metrics["dice"] = torch.tensor([next(dice)] * 2)
+        return metrics
+
+    trainer.validate = scripted
+    trainer.training_loop()
+    assert trainer.epoch == 4 and trainer.best_metric == pytest.approx(0.6)
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
