@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
                        help="U-Net feature channels per level; each level after the first halves "
                             "the resolution")
-    model.add_argument("-num_res_units", type=non_negative_int, default=2,
+    model.add_argument("-num_res_units", type=non_negative_int, default=0,
                        help="residual units per U-Net block")
 
     run = p.add_argument_group("checkpoints")

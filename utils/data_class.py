@@ -83,10 +83,13 @@ class Preprocessing:
     orientation: str = "RAS"             # canonical orientation, as tio.ToCanonical
     normalisation: str = "zscore"        # per volume, so uint8 and float files end up alike
 
-    def transform(self) -> tio.Compose:
+    def transform(self, pad_only: bool = False) -> tio.Compose:
+        """The preprocessing. With `pad_only`, a volume larger than the target keeps its size
+        (prediction then slides a window over it) instead of being cropped."""
         # ZNormalization (not a fixed scale) because the files come as uint8 0-255 and as float32
         # in the thousands. Padding with 0 pads with the volume's mean intensity.
-        return tio.Compose([tio.ToCanonical(), tio.ZNormalization(), tio.CropOrPad(self.target_shape)])
+        return tio.Compose([tio.ToCanonical(), tio.ZNormalization(),
+                            tio.CropOrPad(self.target_shape, only_pad=pad_only)])
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_shape": list(self.target_shape)}
@@ -137,6 +140,7 @@ class Cases:
     labels: torch.Tensor
     native_labels: list[torch.Tensor]
     uncrop: list[tio.Transform]
+    spacings: list[tuple[float, float, float]]     # mm per voxel of each native grid
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -149,7 +153,8 @@ class Cases:
                             f"same -data_dir as the run that made the checkpoint.")
         index = [where[case] for case in ids]
         return Cases(list(ids), self.images[index], self.labels[index],
-                     [self.native_labels[i] for i in index], [self.uncrop[i] for i in index])
+                     [self.native_labels[i] for i in index], [self.uncrop[i] for i in index],
+                     [self.spacings[i] for i in index])
 
 
 def load_cases(info: TaskInfo, divisor: int, progress: bool = True) -> tuple[Cases, Preprocessing]:
@@ -169,6 +174,7 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True) -> tuple[Cas
         labels=torch.stack([d.label.data.to(torch.uint8) for d in done]),
         native_labels=[s.label.data.to(torch.uint8) for s in subjects],
         uncrop=[d.get_inverse_transform(warn=False) for d in done],
+        spacings=[s.label.spacing for s in subjects],
     )
     return cases, preprocessing
 

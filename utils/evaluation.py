@@ -1,50 +1,117 @@
-"""Inference and metrics, shared by validation during training and by evaluation afterwards.
+"""Inference and metrics, shared by validation during training, -evaluate and -predict.
 
 Metrics are computed on each case's own voxel grid: predictions on the padded training shape
-are cropped back (TorchIO's inverse of CropOrPad) before they meet the original label.
+are cropped back (TorchIO's inverse of CropOrPad) before they meet the original label, and
+distances are in mm, from the case's voxel spacing.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
-from monai.metrics import DiceMetric
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
 from monai.networks.utils import one_hot
+from monai.transforms import KeepLargestConnectedComponent
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from utils.data_class import Cases
 
+Autocast = Callable[[], contextlib.AbstractContextManager]
+SLIDING_WINDOW_OVERLAP = 0.25
+
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                   autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """Class scores (N, K, D, H, W) float32 on the CPU for preprocessed images (N, C, D, H, W)."""
+                   autocast: Autocast, roi_size: Sequence[int] | None = None) -> torch.Tensor:
+    """Class scores (N, K, D, H, W), float32 on the CPU, for preprocessed images (N, C, D, H, W).
+
+    Images larger than `roi_size` (the training shape) are predicted window by window with
+    MONAI's sliding-window inference; images of the training shape in one pass.
+    """
     model.eval()
+    roi_size = tuple(roi_size or images.shape[2:])
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
         with autocast():
-            outputs.append(model(batch).float().cpu())
+            if tuple(batch.shape[2:]) == roi_size:
+                scores = model(batch)
+            else:
+                scores = sliding_window_inference(batch, roi_size, batch_size, model,
+                                                  overlap=SLIDING_WINDOW_OVERLAP)
+        outputs.append(scores.float().cpu())
     return torch.cat(outputs)
 
 
-def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.device,
-             autocast: Callable[[], contextlib.AbstractContextManager], num_classes: int,
-             loss_fn: nn.Module | None = None) -> dict:
-    """Mean loss on the padded tensors and per-class Dice on each case's native grid.
+def keep_largest_component(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Keep the largest connected component of each foreground class of a (1, D, H, W) label map."""
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), independent=True)
+    return convert_to_tensor(keep(label_map), dtype=label_map.dtype, track_meta=False)
 
-    Returns {'loss': float or None, 'dice': tensor (num_classes - 1,), 'dice_per_case': (N, K-1)}.
+
+class CaseMetrics:
+    """Per-class Dice, 95th-percentile Hausdorff distance and average surface distance (mm)."""
+
+    def __init__(self, class_names: Sequence[str], distances: bool = True):
+        self.class_names = list(class_names)          # foreground classes
+        self.metrics = {"dice": DiceMetric(include_background=False, reduction="none")}
+        if distances:
+            self.metrics["hd95"] = HausdorffDistanceMetric(include_background=False, percentile=95,
+                                                           reduction="none")
+            self.metrics["asd"] = SurfaceDistanceMetric(include_background=False, symmetric=True,
+                                                        reduction="none")
+
+    def __call__(self, prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]) -> dict:
+        """Label maps (1, D, H, W) -> {'dice_Anterior': ..., 'hd95_Anterior': ..., ...}."""
+        k = len(self.class_names) + 1
+        y_pred, y = one_hot(prediction[None].long(), k), one_hot(truth[None].long(), k)
+        row = {}
+        for name, metric in self.metrics.items():
+            kwargs = {} if name == "dice" else {"spacing": list(spacing)}
+            values = metric(y_pred, y, **kwargs)[0]
+            row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, values)})
+        return row
+
+
+def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
+    """{key: (mean, std)} over cases, ignoring NaN (a class absent from both truth and prediction)."""
+    summary = {}
+    for key in keys:
+        values = torch.tensor([row[key] for row in rows], dtype=torch.float64)
+        values = values[~values.isnan()]
+        mean = values.mean().item() if len(values) else math.nan
+        std = values.std(unbiased=False).item() if len(values) else math.nan
+        summary[key] = (mean, std)
+    return summary
+
+
+def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.device, autocast: Autocast,
+             class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
+             postprocess: bool = False) -> dict:
+    """Predict every case and measure it on its own voxel grid.
+
+    Returns {'loss': mean loss on the padded tensors (or None), 'rows': one dict per case,
+    'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)}}.
     """
     logits = predict_logits(model, cases.images, batch_size, device, autocast)
     loss = None
     if loss_fn is not None:
-        loss = sum(loss_fn(logits[i:i + batch_size], cases.labels[i:i + batch_size].long()).item()
-                   * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size)) / len(logits)
-    dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        losses = [loss_fn(logits[i:i + batch_size], cases.labels[i:i + batch_size].long()).item()
+                  * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size)]
+        loss = sum(losses) / len(logits)
+    measure = CaseMetrics(class_names, distances)
+    rows = []
     for index, scores in enumerate(logits):
         prediction = cases.uncrop[index](scores.argmax(0, keepdim=True).to(torch.uint8))
-        dice(one_hot(prediction[None].long(), num_classes),
-             one_hot(cases.native_labels[index][None].long(), num_classes))
-    per_case = dice.get_buffer().clone()
-    return {"loss": loss, "dice": dice.aggregate(), "dice_per_case": per_case}
+        if postprocess:
+            prediction = keep_largest_component(prediction, len(class_names) + 1)
+        rows.append({"case": cases.ids[index],
+                     **measure(prediction, cases.native_labels[index], cases.spacings[index])})
+    keys = [key for key in rows[0] if key != "case"]
+    summary = summarise(rows, keys)
+    dice = torch.tensor([summary[f"dice_{name}"][0] for name in class_names])
+    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary}

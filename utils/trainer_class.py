@@ -99,7 +99,7 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.model, self.val_cases, self.config.batch_size, self.device, self.autocast,
-                        num_classes=len(self.class_names) + 1, loss_fn=self.loss_fn)
+                        self.class_names, loss_fn=self.loss_fn)
 
     # ------------------------------------------------------------ the whole run
 
