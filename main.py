@@ -1,10 +1,14 @@
-"""Train a 3D U-Net on MSD Task04 (hippocampus). Wiring only: each step lives in utils/.
+"""Train a 3D U-Net on MSD Task04 (hippocampus), evaluate it, or apply it to new scans.
+Wiring only: each step lives in utils/.
 
     python main.py -mixed_precision True -Nit 250
     python main.py -fine_tune True -train_from_checkpoint best_models/best.pt
+    python main.py -evaluate True -train_from_checkpoint best_models/best.pt
+    python main.py -predict scans/ -train_from_checkpoint best_models/best.pt -predictions_dir out
 """
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import random
@@ -22,7 +26,9 @@ from utils.checkpoint import check_same_model, load_checkpoint
 from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
 from utils.download import locate_task
 from utils.errors import CheckpointError, UserError
+from utils.evaluation import autocast_for, evaluate
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
+from utils.prediction import predict_files
 from utils.trainer_class import NonFiniteLossError, Trainer
 
 POLY_POWER = 0.9   # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
@@ -59,7 +65,7 @@ def versions() -> dict:
             "torchio": torchio.__version__, "numpy": np.__version__}
 
 
-def run(config: Config, argv: list[str] | None = None) -> Path:
+def train(config: Config, argv: list[str] | None = None) -> Path:
     """Train as `config` says; return the run folder."""
     resume_state = None
     if config.resume:
@@ -127,10 +133,77 @@ def run(config: Config, argv: list[str] | None = None) -> Path:
     return run_dir
 
 
+def trained_model(config: Config, device: torch.device) -> tuple[torch.nn.Module, dict, Path]:
+    """The model of -train_from_checkpoint (default: the run folder's best.pt), ready for inference."""
+    path = Path(config.train_from_checkpoint or Path(config.best_models_dir) / "best.pt")
+    state = load_checkpoint(path)
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state, path
+
+
+def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
+    """Measure a checkpoint on its run's validation (or training) cases, with and without
+    post-processing; write a per-case CSV and a summary next to the checkpoint."""
+    device = choose_device(config.device)
+    model, state, path = trained_model(config, device)
+    data_dir = explicit_options(argv).get("data_dir", state["config"]["data_dir"])
+    info = read_task(locate_task(data_dir, config.task, config.google_id))
+    if info.num_classes != state["model_config"]["out_channels"]:
+        raise CheckpointError(f"{path} predicts {state['model_config']['out_channels']} classes but "
+                              f"{info.task_dir} has {info.num_classes}. Use a checkpoint of this task.")
+    cases, _ = load_cases(info, downsampling_factor(state["model_config"]),
+                          preprocessing=Preprocessing.from_dict(state["preprocessing"]))
+    cases = cases.subset(state["split"][config.evaluate_split])
+    autocast = autocast_for(device, config.mixed_precision)
+    rows, summary_rows = [], []
+    for postprocessed in (False, True):
+        result = evaluate(model, cases, config.batch_size, device, autocast, info.foreground_names,
+                          distances=True, postprocess=postprocessed)
+        rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
+        summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
+                          "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4)}
+                         for key, (mean, std) in result["summary"].items()]
+    stem = path.parent / f"evaluation_{config.evaluate_split}"
+    for rows_, file in ((rows, f"{stem}.csv"), (summary_rows, f"{stem}_summary.csv")):
+        with open(file, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows_[0]))
+            writer.writeheader()
+            writer.writerows(rows_)
+    print(f"{len(cases)} {config.evaluate_split} cases of {path} (mean ± std; distances in mm):")
+    for row in summary_rows:
+        print(f"  {'post-processed' if row['postprocessed'] else 'raw':>14}  {row['metric']:>4} "
+              f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}")
+    print(f"Per-case results: {stem}.csv; summary: {stem}_summary.csv")
+    return path.parent
+
+
+def predict(config: Config) -> int:
+    """Segment -predict (a file or folder) into -predictions_dir; 1 if any file failed."""
+    device = choose_device(config.device)
+    model, state, _ = trained_model(config, device)
+    failures = predict_files(model, config.predict, config.predictions_dir,
+                             Preprocessing.from_dict(state["preprocessing"]), device,
+                             autocast_for(device, config.mixed_precision),
+                             state["model_config"]["in_channels"], state["model_config"]["out_channels"],
+                             postprocess=config.postprocess)
+    return 1 if failures else 0
+
+
+def run(config: Config, argv: list[str] | None = None) -> int:
+    if config.predict is not None:
+        return predict(config)
+    if config.evaluate:
+        evaluate_checkpoint(config, argv)
+    else:
+        train(config, argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        run(config, argv)
+        return run(config, argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -142,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
               f"continue with: python main.py -best_models_dir {config.best_models_dir} -resume True",
               file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -134,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train only the last layer, freezing all others", **flag)
     run.add_argument("-resume", default=False,
                      help="continue the interrupted run in -best_models_dir from its last.pt", **flag)
+
+    use = p.add_argument_group("evaluation and prediction")
+    use.add_argument("-evaluate", default=False, help="evaluate -train_from_checkpoint (default: "
+                     "<best_models_dir>/best.pt) on its run's split instead of training", **flag)
+    use.add_argument("-evaluate_split", type=str, default="val", choices=["val", "train"],
+                     help="which cases of the run's split -evaluate measures")
+    use.add_argument("-predict", type=optional(str), default=None,
+                     help="a NIfTI file or a folder of them to segment with -train_from_checkpoint")
+    use.add_argument("-predictions_dir", type=str, default="predictions",
+                     help="where -predict writes label maps, under the input file names")
+    use.add_argument("-postprocess", default=False,
+                     help="keep the largest connected component of each class in predictions", **flag)
+    use.add_argument("-config", type=optional(existing_file), default=None,
+                     help="a run's config.json to repeat; options on the command line override it")
     return p
 
 
@@ -163,6 +178,12 @@ class Config:
     train_from_checkpoint: str | None
     fine_tune: bool
     resume: bool
+    evaluate: bool
+    evaluate_split: str
+    predict: str | None
+    predictions_dir: str
+    postprocess: bool
+    config: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,9 +193,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Parse command-line words (default: sys.argv) into a Config; bad values exit with usage."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
+    if namespace.config is not None:
+        return config_from_file(namespace.config, argv)
     if len(namespace.channels) < 2:
         parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
     return Config(**vars(namespace))
+
+
+def config_from_file(path: str, argv: Sequence[str] | None = None) -> Config:
+    """A run's config.json, with the options typed in `argv` on top, checked like typed options."""
+    try:
+        saved = json.loads(open(path).read())
+        saved = saved.get("config", saved)          # a run's config.json, or a plain {option: value}
+        if not isinstance(saved, dict):
+            raise ValueError("it is not a JSON object")
+    except ValueError as error:
+        build_parser().error(f"argument -config: {path} is not a config.json ({error})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    options = {k: v for k, v in saved.items() if k in known and k != "config" and v is not None}
+    return config_from_dict({**options, **explicit_options(argv), "config": None})
 
 
 def explicit_options(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -193,6 +230,8 @@ def config_from_dict(options: dict[str, Any]) -> Config:
         raise ValueError(f"unknown option(s) {unknown}; known options are {sorted(known)}")
     argv: list[str] = []
     for name, value in options.items():
+        if value is None:
+            value = "None"
         values = value if isinstance(value, (list, tuple)) else [value]
         argv += [f"-{name}", *(str(v) for v in values)]
     return parse_args(argv)

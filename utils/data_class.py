@@ -157,14 +157,19 @@ class Cases:
                      [self.spacings[i] for i in index])
 
 
-def load_cases(info: TaskInfo, divisor: int, progress: bool = True) -> tuple[Cases, Preprocessing]:
-    """Read, check and preprocess every labelled case once."""
+def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
+               preprocessing: Preprocessing | None = None) -> tuple[Cases, Preprocessing]:
+    """Read, check and preprocess every labelled case once.
+
+    The target shape is the smallest that holds every case, unless `preprocessing` (from a
+    checkpoint) is given.
+    """
     from tqdm import tqdm
 
     label_values = set(info.label_names)
     subjects = [load_pair(image, label, label_values)
                 for image, label in tqdm(info.pairs, desc="reading cases", disable=not progress)]
-    preprocessing = Preprocessing(shape_for([s.spatial_shape for s in subjects], divisor))
+    preprocessing = preprocessing or Preprocessing(shape_for([s.spatial_shape for s in subjects], divisor))
     # Orientation is already canonical; the remaining steps are normalise and crop/pad.
     normalise_and_pad = tio.Compose(preprocessing.transform().transforms[1:])
     done = [normalise_and_pad(s) for s in subjects]

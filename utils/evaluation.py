@@ -24,6 +24,16 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 SLIDING_WINDOW_OVERLAP = 0.25
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (with a GradScaler when training); bf16 on a CPU, where fp16 is slow and
+    bf16 keeps fp32's range, so no scaler is needed."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast_for(device: torch.device, enabled: bool) -> Autocast:
+    return lambda: torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
                    autocast: Autocast, roi_size: Sequence[int] | None = None) -> torch.Tensor:
@@ -95,7 +105,8 @@ def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.devi
     """Predict every case and measure it on its own voxel grid.
 
     Returns {'loss': mean loss on the padded tensors (or None), 'rows': one dict per case,
-    'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)}}.
+    'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)},
+    'predictions': label maps (1, X, Y, Z) on each case's own grid}.
     """
     logits = predict_logits(model, cases.images, batch_size, device, autocast)
     loss = None
@@ -104,14 +115,15 @@ def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.devi
                   * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size)]
         loss = sum(losses) / len(logits)
     measure = CaseMetrics(class_names, distances)
-    rows = []
+    rows, predictions = [], []
     for index, scores in enumerate(logits):
         prediction = cases.uncrop[index](scores.argmax(0, keepdim=True).to(torch.uint8))
         if postprocess:
             prediction = keep_largest_component(prediction, len(class_names) + 1)
+        predictions.append(prediction)
         rows.append({"case": cases.ids[index],
                      **measure(prediction, cases.native_labels[index], cases.spacings[index])})
     keys = [key for key in rows[0] if key != "case"]
     summary = summarise(rows, keys)
     dice = torch.tensor([summary[f"dice_{name}"][0] for name in class_names])
-    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary}
+    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary, "predictions": predictions}

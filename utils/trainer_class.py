@@ -19,7 +19,10 @@ from tqdm import tqdm
 from utils.args import Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
-from utils.evaluation import evaluate
+from utils.evaluation import amp_dtype, evaluate
+from utils.plots import plot_curves, plot_predictions, write_progress_gif
+
+PICTURE_CASES = 3          # validation cases shown in predictions.png
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,13 +45,14 @@ class Trainer:
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
         # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through).
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.amp_dtype = amp_dtype(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and device.type == "cuda")
 
         self.epoch = 0                                  # epochs completed
         self.best_metric = -math.inf                    # best validation mean Dice so far
         self.epochs_without_improvement = 0
         self.history: list[dict] = []                   # one row of metrics.csv per epoch
+        self.progress_frames: list[torch.Tensor] = []   # the first validation case, after each epoch
         self.started = time.monotonic()
 
     # ------------------------------------------------------------ one step
@@ -107,6 +111,7 @@ class Trainer:
         self.started = time.monotonic()
         if self.epoch == 0:   # so that even a run stopped in its first epoch can be resumed
             save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+        predictions = None
         for epoch in range(self.epoch, self.config.epochs):
             train_loss = self.train_one_epoch()
             metrics = self.validate()
@@ -119,6 +124,8 @@ class Trainer:
                 self.best_metric, self.epochs_without_improvement = mean_dice, 0
             else:
                 self.epochs_without_improvement += 1
+            predictions = metrics["predictions"]
+            self.progress_frames.append(predictions[0])
             self.log(train_loss, metrics, improved)
             if improved:
                 save_checkpoint(self.state_dict(), self.run_dir / "best.pt")
@@ -132,6 +139,18 @@ class Trainer:
             if self.time_is_up():
                 tqdm.write(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
                 break
+        if predictions is not None:
+            self.draw_pictures(predictions)
+
+    def draw_pictures(self, predictions: list[torch.Tensor]) -> None:
+        """predictions.png (a few validation cases) and progress.gif (one case across epochs)."""
+        cases = self.val_cases
+        shown = range(min(PICTURE_CASES, len(cases)))
+        native_images = [cases.uncrop[i](cases.images[i]) for i in shown]
+        plot_predictions(native_images, [cases.native_labels[i] for i in shown],
+                         [predictions[i] for i in shown], [cases.ids[i] for i in shown],
+                         self.run_dir / "predictions.png")
+        write_progress_gif(native_images[0], self.progress_frames, self.run_dir / "progress.gif", cases.ids[0])
 
     def log(self, train_loss: float, metrics: dict, improved: bool) -> None:
         row = {"epoch": self.epoch, "train_loss": round(train_loss, 6),
@@ -145,6 +164,7 @@ class Trainer:
                    f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
                    f"  ({(time.monotonic() - self.started) / 60:.1f} min)" + ("  *best*" if improved else ""))
         self.write_metrics_csv()
+        plot_curves(self.history, self.class_names, self.run_dir / "curves.png")
 
     def write_metrics_csv(self) -> None:
         # Rewritten whole from the history every epoch, so after -resume it holds exactly the
@@ -170,6 +190,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "epochs_without_improvement": self.epochs_without_improvement,
             "history": self.history,
+            "progress_frames": self.progress_frames,
             "config": self.config.to_dict(),
             **self.run_info,
             "rng": {**rng_states(), "sampler": sampler.state_dict(),
@@ -186,6 +207,7 @@ class Trainer:
         self.best_metric = state["best_metric"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.history = list(state["history"])
+        self.progress_frames = list(state["progress_frames"])
         set_rng_states(state["rng"])
         self.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
         self.train_loader.generator.set_state(state["rng"]["loader"])

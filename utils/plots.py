@@ -1,0 +1,104 @@
+"""Pictures: training curves, predictions over ground truth, progress across epochs, augmentations.
+
+Figures are built with matplotlib's object interface (no global pyplot state), so they can be
+written to files from a training run and shown in the notebook alike.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.animation import FuncAnimation, PillowWriter
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+# background transparent, anterior orange, posterior blue
+LABEL_COLOURS = ListedColormap([(0, 0, 0, 0), (1.0, 0.55, 0.0, 0.6), (0.1, 0.5, 1.0, 0.6)])
+VIEWS = ("sagittal", "coronal", "axial")
+
+
+def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
+    """The three orthogonal middle slices of a (1, D, H, W) or (D, H, W) volume."""
+    v = volume.reshape(volume.shape[-3:]).float().numpy()
+    d, h, w = (s // 2 for s in v.shape)
+    return [v[d].T, v[:, h].T, v[:, :, w].T]
+
+
+def show_slices(axes, image: torch.Tensor, label: torch.Tensor | None = None) -> None:
+    for ax, image_slice, label_slice in zip(axes, mid_slices(image),
+                                            mid_slices(label) if label is not None else [None] * 3):
+        ax.imshow(image_slice, cmap="gray", origin="lower")
+        if label_slice is not None:
+            ax.imshow(label_slice, cmap=LABEL_COLOURS, vmin=0, vmax=2, origin="lower", interpolation="nearest")
+        ax.set_axis_off()
+
+
+def plot_curves(history: Sequence[dict], class_names: Sequence[str], path: str | Path | None = None) -> Figure:
+    """Train/val loss and per-class validation Dice against epoch."""
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, dice_ax = figure.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    loss_ax.plot(epochs, [row["train_loss"] for row in history], label="train")
+    loss_ax.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="Dice + cross-entropy loss", title="loss")
+    for name in class_names:
+        dice_ax.plot(epochs, [row[f"dice_{name}"] for row in history], label=name)
+    dice_ax.plot(epochs, [row["dice_mean"] for row in history], label="mean", color="black", lw=1)
+    dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice")
+    for ax in (loss_ax, dice_ax):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if path is not None:
+        figure.savefig(path, dpi=80)
+    return figure
+
+
+def plot_predictions(images: torch.Tensor, truths: torch.Tensor, predictions: torch.Tensor,
+                     ids: Sequence[str], path: str | Path | None = None) -> Figure:
+    """Orthogonal mid-slices of a few cases: ground truth (left) and prediction (right) overlaid.
+
+    images, truths, predictions: (N, 1, D, H, W).
+    """
+    figure = Figure(figsize=(12, 2.2 * len(ids)), layout="constrained")
+    axes = figure.subplots(len(ids), 6, squeeze=False)
+    for row, case in enumerate(ids):
+        show_slices(axes[row, :3], images[row], truths[row])
+        show_slices(axes[row, 3:], images[row], predictions[row])
+        axes[row, 0].set_title(f"{case}: ground truth", loc="left", fontsize=9)
+        axes[row, 3].set_title("prediction", loc="left", fontsize=9)
+    if path is not None:
+        figure.savefig(path, dpi=80)
+    return figure
+
+
+def write_progress_gif(image: torch.Tensor, frames: Sequence[torch.Tensor], path: str | Path,
+                       case: str) -> None:
+    """One case's prediction after each epoch, as an animated GIF. frames: (1, D, H, W) label maps."""
+    figure = Figure(figsize=(7.5, 2.8), layout="constrained")
+    axes = figure.subplots(1, 3)
+
+    def draw(epoch: int):
+        for ax in axes:
+            ax.clear()
+        show_slices(axes, image, frames[epoch])
+        figure.suptitle(f"{case}, epoch {epoch + 1}")
+
+    FuncAnimation(figure, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=4), dpi=60)
+
+
+def plot_augmentations(image: torch.Tensor, label: torch.Tensor, transform, count: int = 4) -> Figure:
+    """A preprocessed case (first row) and `count` random augmentations of it."""
+    import torchio as tio
+
+    figure = Figure(figsize=(7.5, 2.3 * (count + 1)), layout="constrained")
+    axes = figure.subplots(count + 1, 3)
+    show_slices(axes[0], image, label)
+    axes[0, 0].set_title("preprocessed", loc="left", fontsize=9)
+    for row in range(1, count + 1):
+        subject = transform(tio.Subject(image=tio.ScalarImage(tensor=image.clone()),
+                                        label=tio.LabelMap(tensor=label.clone())))
+        show_slices(axes[row], subject.image.data, subject.label.data)
+        axes[row, 0].set_title(f"augmented {row}", loc="left", fontsize=9)
+    return figure

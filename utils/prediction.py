@@ -1,0 +1,107 @@
+"""Apply a trained model to new scans: NIfTI in, label map (uint8, 0/1/2) out, on the input's grid.
+
+The preprocessing is the training one, read from the checkpoint. The prediction is mapped back
+through TorchIO's inverse transforms, so the written file has the input's exact shape and affine
+and overlays the scan in 3D Slicer or ITK-SNAP.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from torch import nn
+from tqdm import tqdm
+
+from utils.data_class import Preprocessing
+from utils.errors import UserError
+from utils.evaluation import Autocast, keep_largest_component, predict_logits
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def input_files(path: str | Path) -> list[Path]:
+    """One file, or every visible file of a folder (non-NIfTI ones are reported, not skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"-predict {path} is an empty folder; point it at NIfTI files (.nii or .nii.gz).")
+        return files
+    raise UserError(f"-predict {path} does not exist; give a NIfTI file or a folder of them.")
+
+
+def writable_folder(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"Cannot write predictions into {path} ({error.strerror or error}). Choose a "
+                        f"folder you can write to with -predictions_dir.") from None
+    return path
+
+
+def read_volume(path: Path, in_channels: int) -> tio.ScalarImage:
+    """Read a 3D scan, or raise a ValueError that says what is wrong with it."""
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError("not a NIfTI file (.nii or .nii.gz)")
+    try:
+        image = tio.ScalarImage(path)
+        image.load()
+    except Exception as error:  # nibabel raises many types for a broken file
+        raise ValueError(f"cannot be read ({error})") from None
+    header_shape = nib.load(path).shape
+    if len(header_shape) != 3 and not (len(header_shape) == 4 and header_shape[3] == in_channels):
+        raise ValueError(f"is {len(header_shape)}D with shape {header_shape}; the model needs a 3D volume"
+                         + (f" with {in_channels} channels" if in_channels > 1 else ""))
+    if min(header_shape[:3]) == 1:
+        raise ValueError(f"has shape {header_shape}: a 2D slice, not a 3D volume")
+    return image
+
+
+@torch.no_grad()
+def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Preprocessing,
+                   device: torch.device, autocast: Autocast, num_classes: int,
+                   postprocess: bool = False) -> torch.Tensor:
+    """Label map (1, X, Y, Z) uint8 on the grid of `image` as it was read."""
+    subject = preprocessing.transform(pad_only=True)(tio.Subject(image=image))
+    logits = predict_logits(model, subject.image.data[None].float(), 1, device, autocast,
+                            roi_size=preprocessing.target_shape)
+    label = logits[0].argmax(0, keepdim=True).to(torch.uint8)
+    if postprocess:
+        label = keep_largest_component(label, num_classes)
+    subject.add_image(tio.LabelMap(tensor=label, affine=subject.image.affine), "prediction")
+    return subject.apply_inverse_transform(warn=False).prediction.data.to(torch.uint8)
+
+
+def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,
+                  device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
+                  postprocess: bool = False) -> list[tuple[Path, str]]:
+    """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures."""
+    files = input_files(path)
+    out_dir = writable_folder(out_dir)
+    failures: list[tuple[Path, str]] = []
+    started = time.perf_counter()
+    for file in tqdm(files, desc="predicting", unit="volume"):
+        try:
+            image = read_volume(file, in_channels)
+        except ValueError as reason:
+            failures.append((file, str(reason)))
+            tqdm.write(f"skipped {file}: {reason}")
+            continue
+        label = predict_volume(model, image, preprocessing, device, autocast, num_classes, postprocess)
+        affine = nib.load(file).affine   # the file's own affine, exactly
+        nib.save(nib.Nifti1Image(label[0].numpy().astype(np.uint8), affine), out_dir / file.name)
+    seconds = time.perf_counter() - started
+    done = len(files) - len(failures)
+    print(f"Predicted {done} of {len(files)} volumes in {seconds:.1f} s ({done / seconds:.1f} volumes/s) "
+          f"into {out_dir}" + (f"; {len(failures)} failed (listed above)" if failures else ""))
+    return failures
