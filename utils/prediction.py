@@ -79,7 +79,9 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
     if postprocess:
         label = keep_largest_component(label, num_classes)
     subject.add_image(tio.LabelMap(tensor=label, affine=subject.image.affine), "prediction")
-    return subject.apply_inverse_transform(warn=False).prediction.data.to(torch.uint8)
+    uncropped = subject.apply_inverse_transform(warn=False).prediction   # undoes the padding
+    # ToCanonical has no inverse in TorchIO: reorient back to the file's own axis order.
+    return tio.ToOrientation("".join(image.orientation))(uncropped).data.to(torch.uint8)
 
 
 def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,

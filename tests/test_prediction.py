@@ -1,0 +1,137 @@
+"""-predict and -evaluate on a checkpoint trained once on tiny synthetic data."""
+import csv
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import main as entry
+from conftest import TINY, synthetic_case, write_task
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    task = write_task(root / "data", n_cases=8)
+    run = root / "run"
+    assert entry.main(["-data_dir", str(task), "-best_models_dir", str(run), *TINY,
+                       "-epochs", "10", "-Nit", "4", "-lr", "0.05"]) == 0
+    return task, run / "best.pt"
+
+
+def scan(path, shape=(11, 17, 9), affine=None, seed=1):
+    image, label = synthetic_case(np.random.default_rng(seed), shape, as_uint8=False)
+    nib.save(nib.Nifti1Image(image, np.eye(4) if affine is None else affine), path)
+    return label
+
+
+ODD_AFFINE = np.array([[0, -1.2, 0, 30.5], [0.9, 0, 0, -12.0], [0, 0, 1.5, 7.25], [0, 0, 0, 1]])
+
+
+def test_prediction_has_the_input_shape_and_affine(trained, tmp_path):
+    _, checkpoint = trained
+    (tmp_path / "in").mkdir()
+    scan(tmp_path / "in" / "subject_a.nii.gz", affine=ODD_AFFINE)
+    code = entry.main(["-predict", str(tmp_path / "in" / "subject_a.nii.gz"), "-train_from_checkpoint",
+                       str(checkpoint), "-predictions_dir", str(tmp_path / "out")])
+    assert code == 0
+    written = nib.load(tmp_path / "out" / "subject_a.nii.gz")
+    original = nib.load(tmp_path / "in" / "subject_a.nii.gz")
+    assert written.shape == original.shape == (11, 17, 9)
+    assert np.allclose(written.affine, original.affine, atol=1e-6)
+    assert written.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+
+
+def test_prediction_is_mapped_back_to_the_file_orientation(trained, tmp_path):
+    """The same scan stored with permuted and flipped voxel axes gets the same segmentation."""
+    _, checkpoint = trained
+    (tmp_path / "in").mkdir()
+    truth = scan(tmp_path / "in" / "plain.nii.gz")                   # identity affine, (11, 17, 9)
+    data = nib.load(tmp_path / "in" / "plain.nii.gz").get_fdata().astype(np.float32)
+    swapped = np.ascontiguousarray(np.transpose(data, (1, 0, 2))[::-1])  # B[i, j, k] = A[j, 16 - i, k]
+    affine = np.array([[0, 1, 0, 0], [-1, 0, 0, 16], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(swapped, affine), tmp_path / "in" / "swapped.nii.gz")
+    assert entry.main(["-predict", str(tmp_path / "in"), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(tmp_path / "out")]) == 0
+    plain = np.asarray(nib.load(tmp_path / "out" / "plain.nii.gz").dataobj)
+    other = np.asarray(nib.load(tmp_path / "out" / "swapped.nii.gz").dataobj)
+    assert other.shape == (17, 11, 9)
+    assert np.array_equal(other, np.transpose(plain, (1, 0, 2))[::-1])
+    # The model learnt the synthetic task, so the prediction overlaps the truth.
+    overlap = [2 * ((plain == c) & (truth == c)).sum() / ((plain == c).sum() + (truth == c).sum()) for c in (1, 2)]
+    assert min(overlap) > 0.7
+
+
+def test_a_larger_scan_than_the_training_shape(trained, tmp_path):
+    _, checkpoint = trained
+    scan(tmp_path / "big.nii", shape=(30, 21, 25))
+    assert entry.main(["-predict", str(tmp_path / "big.nii"), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(tmp_path / "out")]) == 0
+    assert nib.load(tmp_path / "out" / "big.nii").shape == (30, 21, 25)
+
+
+def test_bad_files_are_named_and_the_others_still_predicted(trained, tmp_path, capsys):
+    _, checkpoint = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scan(folder / "good_1.nii.gz")
+    scan(folder / "good_2.nii.gz", seed=2)
+    nib.save(nib.Nifti1Image(np.zeros((20, 20), np.float32), np.eye(4)), folder / "flat_2d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10, 4), np.float32), np.eye(4)), folder / "series_4d.nii.gz")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    code = entry.main(["-predict", str(folder), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(tmp_path / "out")])
+    assert code == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["good_1.nii.gz", "good_2.nii.gz"]
+    out = capsys.readouterr()
+    assert "flat_2d.nii.gz: is 2D" in out.out
+    assert "series_4d.nii.gz: is 4D" in out.out
+    assert "notes.txt: not a NIfTI file" in out.out
+    assert "broken.nii.gz: cannot be read" in out.out
+    assert "Predicted 2 of 6 volumes" in out.out and "volumes/s" in out.out
+
+
+def test_unwritable_predictions_dir(trained, tmp_path, capsys):
+    _, checkpoint = trained
+    scan(tmp_path / "a.nii.gz")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    code = entry.main(["-predict", str(tmp_path / "a.nii.gz"), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(blocker / "out")])
+    assert code == 1 and "Cannot write predictions into" in capsys.readouterr().err
+
+
+def test_evaluate_writes_per_case_and_summary_csv(trained, tmp_path, capsys):
+    task, checkpoint = trained
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task)]) == 0
+    rows = list(csv.DictReader(open(checkpoint.parent / "evaluation_val.csv")))
+    assert len(rows) == 2 * 2                                  # 2 validation cases, raw and post-processed
+    assert {"case", "postprocessed", "dice_Anterior", "hd95_Posterior", "asd_Anterior"} <= set(rows[0])
+    summary = list(csv.DictReader(open(checkpoint.parent / "evaluation_val_summary.csv")))
+    assert {(r["metric"], r["class"]) for r in summary} == {(m, c) for m in ("dice", "hd95", "asd")
+                                                           for c in ("Anterior", "Posterior")}
+    # -evaluate and the training's own validation use the same code: the Dice agree.
+    history = list(csv.DictReader(open(checkpoint.parent / "metrics.csv")))
+    best = max(history, key=lambda r: float(r["dice_mean"]))
+    raw = {r["class"]: float(r["mean"]) for r in summary if r["metric"] == "dice" and r["postprocessed"] == "False"}
+    assert raw["Anterior"] == pytest.approx(float(best["dice_Anterior"]), abs=1e-3)
+    assert "post-processed" in capsys.readouterr().out
+
+
+def test_evaluate_on_the_training_split(trained):
+    task, checkpoint = trained
+    assert entry.main(["-evaluate", "True", "-evaluate_split", "train", "-train_from_checkpoint",
+                       str(checkpoint), "-data_dir", str(task)]) == 0
+    assert len(list(csv.DictReader(open(checkpoint.parent / "evaluation_train.csv")))) == 2 * 6
+
+
+def test_a_run_repeats_from_its_config_json(trained, tmp_path):
+    _, checkpoint = trained
+    repeat = tmp_path / "repeat"
+    assert entry.main(["-config", str(checkpoint.parent / "config.json"), "-best_models_dir", str(repeat),
+                       "-epochs", "2"]) == 0
+    first = list(csv.DictReader(open(checkpoint.parent / "metrics.csv")))[:1]
+    assert list(csv.DictReader(open(repeat / "metrics.csv")))[:1][0]["train_loss"] == first[0]["train_loss"]
