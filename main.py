@@ -10,44 +10,21 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
-import random
 import sys
 from pathlib import Path
 
-import monai
-import numpy as np
 import torch
-import torchio
-from monai.losses import DiceCELoss
 
 from utils.args import Config, explicit_options, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
 from utils.download import locate_task
+from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import autocast_for, evaluate
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
 from utils.prediction import predict_files
-from utils.trainer_class import NonFiniteLossError, Trainer
-
-POLY_POWER = 0.9   # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("-device cuda was requested but PyTorch sees no CUDA GPU on this machine "
-                        f"(torch {torch.__version__}). Use -device cpu, or -device auto.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
+from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer
 
 def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
     """The interrupted run's config and last.pt, with options typed on this command line on top."""
@@ -58,11 +35,6 @@ def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict
     state = load_checkpoint(last)
     saved = {**state["config"], **explicit_options(argv), "resume": True}
     return Config(**saved), state
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "torchio": torchio.__version__, "numpy": np.__version__}
 
 
 def train(config: Config, argv: list[str] | None = None) -> Path:
@@ -114,12 +86,10 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
     model.to(device)
 
     # Training
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs, power=POLY_POWER)
+    optimizer, scheduler = make_optimizer(model, config)
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "label_names": {str(k): v for k, v in info.label_names.items()}}
-    trainer = Trainer(model, DiceCELoss(to_onehot_y=True, softmax=True), optimizer, scheduler, loader,
+    trainer = Trainer(model, make_loss(), optimizer, scheduler, loader,
                       val_cases, config, run_dir, device, info.foreground_names, run_info)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is not None:

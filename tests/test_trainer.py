@@ -2,13 +2,12 @@ import csv
 
 import pytest
 import torch
-from monai.losses import DiceCELoss
 
 from utils.args import config_from_dict
 from utils.checkpoint import load_checkpoint
 from utils.data_class import load_cases, read_task, split_cases, train_loader
 from utils.model import build_model, model_config
-from utils.trainer_class import NonFiniteLossError, Trainer
+from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer
 
 
 def make_trainer(task_dir, run_dir, **options) -> Trainer:
@@ -20,10 +19,9 @@ def make_trainer(task_dir, run_dir, **options) -> Trainer:
     loader = train_loader(cases.subset(split["train"]), config.batch_size, config.Nit, True, 0, 0)
     architecture = model_config(1, 3, config.channels, config.num_res_units)
     model = build_model(architecture)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs)
+    optimizer, scheduler = make_optimizer(model, config)
     run_dir.mkdir(exist_ok=True)
-    return Trainer(model, DiceCELoss(to_onehot_y=True, softmax=True), optimizer, scheduler, loader,
+    return Trainer(model, make_loss(), optimizer, scheduler, loader,
                    cases.subset(split["val"]), config, run_dir, torch.device("cpu"),
                    ["Anterior", "Posterior"],
                    {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture})

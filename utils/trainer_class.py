@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -23,6 +24,21 @@ from utils.evaluation import amp_dtype, evaluate
 from utils.plots import plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
+POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
+
+
+def make_loss() -> nn.Module:
+    """Dice + cross-entropy on softmax scores; labels (B, 1, D, H, W) are one-hot encoded inside."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def make_optimizer(model: nn.Module, config: Config):
+    """SGD with Nesterov momentum over the trainable parameters only (fine-tuning freezes the
+    rest), and a poly learning-rate decay to zero over the epochs."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs, power=POLY_POWER)
+    return optimizer, scheduler
 
 
 class NonFiniteLossError(RuntimeError):
