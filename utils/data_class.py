@@ -282,7 +282,8 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=image),
                                                  label=tio.LabelMap(tensor=label)))
-            image, label = subject.image.data, subject.label.data
+            # Some transforms return other dtypes; a batch needs one (and workers insist on it).
+            image, label = subject.image.data.float(), subject.label.data.to(torch.uint8)
         return image, label
 
 
