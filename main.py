@@ -48,6 +48,11 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
                         f"Continue it with -resume True, or choose another -best_models_dir.")
     device = choose_device(config.device)
     seed_everything(config.random_seed)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create the run folder -best_models_dir {run_dir} ({error.strerror}). "
+                        f"Choose a folder you can write to.") from None
 
     # Data
     info = read_task(locate_task(config.data_dir, config.task, config.google_id))
@@ -91,7 +96,6 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
                 "label_names": {str(k): v for k, v in info.label_names.items()}}
     trainer = Trainer(model, make_loss(), optimizer, scheduler, loader,
                       val_cases, config, run_dir, device, info.foreground_names, run_info)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
         print(f"Resuming {run_dir} after epoch {trainer.epoch}")
@@ -179,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except NonFiniteLossError as error:
         print(f"error: {error} The last good checkpoints in {config.best_models_dir} are kept.", file=sys.stderr)
+        return 1
+    except OSError as error:   # e.g. a full disk while writing metrics.csv or a picture
+        print(f"error: {error}. Checkpoints already saved in {config.best_models_dir} are intact; free "
+              f"some space or fix the permissions, then continue with -resume True.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nInterrupted. The last completed epoch is saved in {config.best_models_dir}/last.pt; "

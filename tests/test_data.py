@@ -116,9 +116,14 @@ def test_split_is_seeded_disjoint_and_sized():
     assert sorted(split["train"] + split["val"]) == sorted(ids)
 
 
-def test_split_needs_a_case_on_each_side():
-    with pytest.raises(DataError, match="both need at least one"):
+def test_split_needs_a_validation_case():
+    with pytest.raises(DataError, match="gives 3 training and 0 validation cases"):
         split_cases(["a", "b", "c"], 0.9, seed=0)
+
+
+def test_split_refuses_more_validation_than_training_cases():
+    with pytest.raises(DataError, match="gives 3 training and 7 validation cases"):
+        split_cases([str(i) for i in range(10)], 0.3, seed=0)
 
 
 def epoch_counts(sampler: EvenSampler, epochs: int) -> list[Counter]:

@@ -25,15 +25,24 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     new file is completely written and flushed.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):   # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = f"The previous {path.name} is intact. " if path.exists() else ""
+            raise CheckpointError(f"Could not write {path} ({error.strerror or error}). {kept}Free some disk "
+                                  f"space or make {path.parent} writable, then continue with -resume True "
+                                  f"(or pick another -best_models_dir).") from None
         raise
 
 

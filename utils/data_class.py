@@ -167,8 +167,9 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
     from tqdm import tqdm
 
     label_values = set(info.label_names)
-    subjects = [load_pair(image, label, label_values)
-                for image, label in tqdm(info.pairs, desc="reading cases", disable=not progress)]
+    # As a context manager the bar is closed (its line ended) if a case fails to load.
+    with tqdm(info.pairs, desc="reading cases", disable=not progress) as pairs:
+        subjects = [load_pair(image, label, label_values) for image, label in pairs]
     preprocessing = preprocessing or Preprocessing(shape_for([s.spatial_shape for s in subjects], divisor))
     # Orientation is already canonical; the remaining steps are normalise and crop/pad.
     normalise_and_pad = tio.Compose(preprocessing.transform().transforms[1:])
@@ -190,10 +191,12 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
 def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int) -> dict[str, list[str]]:
     """Seeded split into {'train': [...], 'val': [...]} case ids."""
     n_train = round(len(ids) * train_val_ratio)
-    if n_train < 1 or n_train >= len(ids):
+    n_val = len(ids) - n_train
+    if n_val < 1 or n_train < n_val:
         raise DataError(f"-train_val_ratio {train_val_ratio} with {len(ids)} cases gives {n_train} "
-                        f"training and {len(ids) - n_train} validation cases; both need at least one. "
-                        f"Choose a ratio between {1 / len(ids):.2f} and {1 - 1 / len(ids):.2f}.")
+                        f"training and {n_val} validation cases; there must be at least one validation "
+                        f"case and no more validation than training cases. Choose a ratio between "
+                        f"0.5 and {1 - 1 / len(ids):.2f}" + (" or add cases." if len(ids) < 2 else "."))
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     return {"train": sorted(ids[i] for i in order[:n_train]), "val": sorted(ids[i] for i in order[n_train:])}
 

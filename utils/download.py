@@ -153,6 +153,13 @@ def locate_task(data_dir: str | os.PathLike, task: str, google_id: str | None,
     archive = path / f"{task}.tar"
     if path.exists() and not path.is_dir():
         raise DataError(f"-data_dir {path} is neither a folder nor a tar archive.")
+    ours = {archive.name, archive.name + ".part"}
+    strangers = [p.name for p in path.iterdir() if p.name not in ours] if path.is_dir() else []
+    if strangers:
+        raise DataError(f"-data_dir {path} is not a task folder (it has no dataset.json) and holds other "
+                        f"files ({', '.join(sorted(strangers)[:3])}...), so nothing is downloaded into it. "
+                        f"Point -data_dir at the folder holding dataset.json, at the task's .tar, or at "
+                        f"a new or empty folder to download into.")
     if archive.is_file() and not (md5 or ARCHIVE_MD5.get(task)):
         return extract_task(archive, task)
     try:
