@@ -70,8 +70,12 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
         print(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
               f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
               "batch holds each training case once."))
+    factor = downsampling_factor(architecture)
+    if any(side % factor for side in config.patch_size):
+        raise UserError(f"-patch_size {config.patch_size} must be multiples of {factor}, the U-Net's "
+                        f"downsampling factor with {len(config.channels)} levels.")
     loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
-                          config.random_seed, pin_memory=device.type == "cuda")
+                          config.random_seed, config.patch_size, pin_memory=device.type == "cuda")
     print(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
           f"{preprocessing.target_shape}; {len(loader)} iterations per epoch")
 

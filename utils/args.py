@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                        help="where to train; auto picks cuda when available")
 
+    train.add_argument("-patch_size", type=positive_int, nargs=3, default=[40, 56, 40],
+                       help="training crop (voxels, multiples of the U-Net's downsampling factor); "
+                            "random crops of the preprocessed volumes, capped at their shape")
+
     model = p.add_argument_group("model")
     model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
                        help="U-Net feature channels per level; each level after the first halves "
@@ -170,6 +174,7 @@ class Config:
     max_minutes: float | None
     mixed_precision: bool
     augment: bool
+    patch_size: list[int]
     random_seed: int
     device: str
     channels: list[int]

@@ -88,17 +88,18 @@ def write_progress_gif(image: torch.Tensor, frames: Sequence[torch.Tensor], path
     FuncAnimation(figure, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=4), dpi=60)
 
 
-def plot_augmentations(image: torch.Tensor, label: torch.Tensor, transform, count: int = 4) -> Figure:
-    """A preprocessed case (first row) and `count` random augmentations of it."""
-    import torchio as tio
+def plot_augmentations(image: torch.Tensor, label: torch.Tensor, augmentation, count: int = 4) -> Figure:
+    """A preprocessed case (first row) and `count` random augmentations of it.
 
+    `augmentation` is a data_class.BatchAugmentation; image (C, D, H, W), label (1, D, H, W).
+    """
+    images, labels = augmentation.augment(image.expand(count, *image.shape).clone(),
+                                          label.expand(count, *label.shape).clone())
     figure = Figure(figsize=(7.5, 2.3 * (count + 1)), layout="constrained")
     axes = figure.subplots(count + 1, 3)
     show_slices(axes[0], image, label)
     axes[0, 0].set_title("preprocessed", loc="left", fontsize=9)
     for row in range(1, count + 1):
-        subject = transform(tio.Subject(image=tio.ScalarImage(tensor=image.clone()),
-                                        label=tio.LabelMap(tensor=label.clone())))
-        show_slices(axes[row], subject.image.data, subject.label.data)
+        show_slices(axes[row], images[row - 1], labels[row - 1])
         axes[row, 0].set_title(f"augmented {row}", loc="left", fontsize=9)
     return figure

@@ -1,0 +1,154 @@
+"""Training throughput, side by side in one run, on the same model and batch size.
+
+    python benchmarks/benchmark.py -data_dir ../shared/data/Task04_Hippocampus
+
+(a) reference: the TorchIO tutorial recipe as written: a SubjectsDataset that reads, preprocesses
+    and augments every item every time, 2 loader workers, fp32;
+(b) this project's training loop end to end (Trainer.train_one_epoch), augmentation on, defaults;
+(c) the compute bound: forward_pass + backward_pass on one fixed batch.
+
+Each part runs in its own process so that its peak memory (RSS) is its own. The last line is
+`ratio_vs_reference X ratio_vs_bound Y` (b/a and b/c). Other options of main.py (e.g.
+-num_workers, -channels, -mixed_precision) change (b) and (c).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process plus its largest child (loader workers), in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
+
+
+def reference(config, iterations: int, warmup: int) -> float:
+    """The TorchIO tutorial's pipeline, as written, with this project's model and batch size."""
+    import torch
+    import torchio as tio
+    from monai.losses import DiceLoss
+
+    from utils.data_class import read_task, split_cases, case_id
+    from utils.model import build_model, model_config
+
+    info = read_task(config.data_dir)
+    subjects = [tio.Subject(image=tio.ScalarImage(image), label=tio.LabelMap(label), id=case_id(image))
+                for image, label in info.pairs]
+    split = split_cases([s["id"] for s in subjects], config.train_val_ratio, config.random_seed)
+    train = [s for s in subjects if s["id"] in set(split["train"])]
+    max_shape = tuple(max(tio.ScalarImage(i).shape[1 + axis] for i, _ in info.pairs) for axis in range(3))
+    preprocess = tio.Compose([tio.RescaleIntensity((-1, 1)), tio.CropOrPad(max_shape),
+                              tio.EnsureShapeMultiple(8), tio.OneHot()])
+    augment = tio.Compose([tio.RandomAffine(), tio.RandomGamma(p=0.5), tio.RandomNoise(p=0.5),
+                           tio.RandomMotion(p=0.1), tio.RandomBiasField(p=0.25)])
+    dataset = tio.SubjectsDataset(train, transform=tio.Compose([preprocess, augment]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=2)
+    model = build_model(model_config(1, info.num_classes, config.channels, config.num_res_units))
+    loss_fn = DiceLoss(softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    done, started = 0, None
+    while done < warmup + iterations:
+        for batch in loader:
+            if done == warmup:
+                started = time.perf_counter()
+            loss = loss_fn(model(batch["image"][tio.DATA]), batch["label"][tio.DATA])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup + iterations:
+                break
+    return iterations / (time.perf_counter() - started)
+
+
+def project_trainer(config, Nit: int):
+    """This project's Trainer, wired exactly as main.py wires it."""
+    import torch
+
+    from utils.data_class import load_cases, read_task, split_cases, train_loader
+    from utils.environment import seed_everything
+    from utils.model import build_model, downsampling_factor, model_config
+    from utils.trainer_class import Trainer, make_loss, make_optimizer
+
+    seed_everything(config.random_seed)
+    info = read_task(config.data_dir)
+    architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
+    cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=False)
+    split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
+    loader = train_loader(cases.subset(split["train"]), config.batch_size, Nit, config.augment,
+                          config.num_workers, config.random_seed, config.patch_size)
+    model = build_model(architecture)
+    optimizer, scheduler = make_optimizer(model, config)
+    return Trainer(model, make_loss(), optimizer, scheduler, loader, cases.subset(split["val"]), config,
+                   "/tmp", torch.device("cpu"), info.foreground_names, {})
+
+
+def project(config, iterations: int, warmup: int) -> float:
+    trainer = project_trainer(config, Nit=iterations)
+    trainer.train_loader.sampler.samples_per_epoch = warmup * config.batch_size
+    trainer.train_one_epoch()
+    trainer.train_loader.sampler.samples_per_epoch = iterations * config.batch_size
+    started = time.perf_counter()
+    trainer.train_one_epoch()
+    return iterations / (time.perf_counter() - started)
+
+
+def bound(config, iterations: int, warmup: int) -> float:
+    trainer = project_trainer(config, Nit=1)
+    trainer.model.train()
+    batch = next(iter(trainer.train_loader))
+    for step in range(warmup + iterations):
+        if step == warmup:
+            started = time.perf_counter()
+        loss, _ = trainer.forward_pass(batch)
+        trainer.backward_pass(loss)
+    return iterations / (time.perf_counter() - started)
+
+
+PARTS = {"a": ("reference (TorchIO tutorial pipeline, fp32, 2 workers)", reference),
+         "b": ("this project's training loop, augmentation on", project),
+         "c": ("compute bound (fixed batch, forward + backward)", bound)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=sorted(PARTS), help="run one part (used internally)")
+    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per part (default: 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: 3)")
+    known, main_options = parser.parse_known_args()
+
+    from utils.args import parse_args
+    config = parse_args(main_options)
+    if known.part:
+        rate = PARTS[known.part][1](config, known.iterations, known.warmup)
+        print(json.dumps({"it_per_s": rate, "peak_rss_mb": peak_rss_mb()}))
+        return
+
+    results = {}
+    for part, (title, _) in PARTS.items():
+        done = subprocess.run([sys.executable, __file__, "--part", part, "--iterations", str(known.iterations),
+                               "--warmup", str(known.warmup), *main_options],
+                              capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"part {part} failed:\n{done.stderr[-3000:]}")
+        results[part] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"({part}) {title}: {results[part]['it_per_s']:.2f} it/s, "
+              f"peak RSS {results[part]['peak_rss_mb']:.0f} MB", flush=True)
+    a, b, c = (results[p]["it_per_s"] for p in "abc")
+    print(f"batch {config.batch_size}, channels {config.channels}, mixed precision {config.mixed_precision}, "
+          f"num_workers {config.num_workers}, {known.iterations} timed iterations")
+    print(f"ratio_vs_reference {b / a:.2f} ratio_vs_bound {b / c:.2f}")
+
+
+if __name__ == "__main__":
+    main()
