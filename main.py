@@ -19,6 +19,7 @@ from utils.args import Config, explicit_options, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
 from utils.download import locate_task
+from utils.distributed import Place, start, stop, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import autocast_for, evaluate
@@ -37,8 +38,9 @@ def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict
     return Config(**saved), state
 
 
-def train(config: Config, argv: list[str] | None = None) -> Path:
-    """Train as `config` says; return the run folder."""
+def train(config: Config, argv: list[str] | None, place: Place) -> Path:
+    """Train as `config` says; return the run folder. Under torchrun, one process of several."""
+    say = print if place.is_main else lambda *args, **kwargs: None
     resume_state = None
     if config.resume:
         config, resume_state = resumed_config(config, argv)
@@ -46,8 +48,8 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
     if resume_state is None and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
                         f"Continue it with -resume True, or choose another -best_models_dir.")
-    device = choose_device(config.device)
-    seed_everything(config.random_seed)
+    device = place.device
+    seed_everything(config.random_seed + place.rank)   # each process augments differently
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -57,7 +59,7 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
     # Data
     info = read_task(locate_task(config.data_dir, config.task, config.google_id))
     architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
-    cases, preprocessing = load_cases(info, downsampling_factor(architecture))
+    cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=place.is_main)
     if resume_state is not None:
         split = resume_state["split"]
         if Preprocessing.from_dict(resume_state["preprocessing"]) != preprocessing:
@@ -67,7 +69,7 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
         split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
     train_cases, val_cases = cases.subset(split["train"]), cases.subset(split["val"])
     if config.batch_size > len(train_cases):
-        print(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
+        say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
               f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
               "batch holds each training case once."))
     factor = downsampling_factor(architecture)
@@ -75,9 +77,11 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
         raise UserError(f"-patch_size {config.patch_size} must be multiples of {factor}, the U-Net's "
                         f"downsampling factor with {len(config.channels)} levels.")
     loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
-                          config.random_seed, config.patch_size, pin_memory=device.type == "cuda")
-    print(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
-          f"{preprocessing.target_shape}; {len(loader)} iterations per epoch")
+                          config.random_seed, config.patch_size, pin_memory=device.type == "cuda",
+                          rank=place.rank, world_size=place.world_size)
+    say(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
+        f"{preprocessing.target_shape}; {len(loader)} iterations per epoch"
+        + (f" on each of {place.world_size} processes (batch {config.batch_size} each)" if place.distributed else ""))
 
     # Model
     model = build_model(architecture)
@@ -85,28 +89,31 @@ def train(config: Config, argv: list[str] | None = None) -> Path:
         start = load_checkpoint(config.train_from_checkpoint)
         check_same_model(start, architecture, config.train_from_checkpoint)
         model.load_state_dict(start["model"])
-        print(f"Starting from the weights in {config.train_from_checkpoint}")
+        say(f"Starting from the weights in {config.train_from_checkpoint}")
     if config.fine_tune:
         trainable, total = freeze_all_but_last_layer(model)
-        print(f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters")
+        say(f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters")
     else:
         trainable, total = count_parameters(model)
-        print(f"Model: MONAI UNet, channels {config.channels}, {total:,} parameters")
+        say(f"Model: MONAI UNet, channels {config.channels}, {total:,} parameters")
     model.to(device)
+    optimizer = make_optimizer(model, config)
+    model = wrap(model, place)           # DDP under torchrun, the network itself otherwise
 
     # Training
-    optimizer, scheduler = make_optimizer(model, config)
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "label_names": {str(k): v for k, v in info.label_names.items()}}
-    trainer = Trainer(model, make_loss(), optimizer, scheduler, loader,
-                      val_cases, config, run_dir, device, info.foreground_names, run_info)
+    trainer = Trainer(model, make_loss(), optimizer, loader, val_cases, config, run_dir, device,
+                      info.foreground_names, run_info, place)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
-        print(f"Resuming {run_dir} after epoch {trainer.epoch}")
-    (run_dir / "config.json").write_text(json.dumps(
-        {"config": config.to_dict(), "versions": versions(), **run_info}, indent=2))
+        say(f"Resuming {run_dir} after epoch {trainer.epoch}")
+    if place.is_main:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "versions": versions(), "processes": place.world_size, **run_info},
+            indent=2))
     trainer.training_loop()
-    print(f"Done. Best validation mean Dice {trainer.best_metric:.4f}; checkpoints, metrics.csv and "
+    say(f"Done. Best validation mean Dice {trainer.best_metric:.4f}; checkpoints, metrics.csv and "
           f"config.json are in {run_dir}")
     return run_dir
 
@@ -173,8 +180,12 @@ def run(config: Config, argv: list[str] | None = None) -> int:
         return predict(config)
     if config.evaluate:
         evaluate_checkpoint(config, argv)
-    else:
-        train(config, argv)
+        return 0
+    place = start(choose_device(config.device))
+    try:
+        train(config, argv, place)
+    finally:
+        stop(place)
     return 0
 
 

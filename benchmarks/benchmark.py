@@ -88,8 +88,8 @@ def project_trainer(config, Nit: int):
     loader = train_loader(cases.subset(split["train"]), config.batch_size, Nit, config.augment,
                           config.num_workers, config.random_seed, config.patch_size)
     model = build_model(architecture)
-    optimizer, scheduler = make_optimizer(model, config)
-    return Trainer(model, make_loss(), optimizer, scheduler, loader, cases.subset(split["val"]), config,
+    optimizer = make_optimizer(model, config)
+    return Trainer(model, make_loss(), optimizer, loader, cases.subset(split["val"]), config,
                    "/tmp", torch.device("cpu"), info.foreground_names, {})
 
 

@@ -19,9 +19,9 @@ def make_trainer(task_dir, run_dir, **options) -> Trainer:
     loader = train_loader(cases.subset(split["train"]), config.batch_size, config.Nit, True, 0, 0)
     architecture = model_config(1, 3, config.channels, config.num_res_units)
     model = build_model(architecture)
-    optimizer, scheduler = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     run_dir.mkdir(exist_ok=True)
-    return Trainer(model, make_loss(), optimizer, scheduler, loader,
+    return Trainer(model, make_loss(), optimizer, loader,
                    cases.subset(split["val"]), config, run_dir, torch.device("cpu"),
                    ["Anterior", "Posterior"],
                    {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture})
@@ -66,7 +66,8 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
                 "preprocessing", "model_config", "rng", "history"):
         assert key in last
     assert last["epoch"] == 3 and last["config"]["epochs"] == 3
-    assert set(last["rng"]) >= {"torch", "numpy", "python", "sampler", "loader"}
+    assert set(last["rng"]) == {"processes", "sampler", "loader"}
+    assert set(last["rng"]["processes"][0]) == {"torch", "cuda", "numpy", "python"}
     best = load_checkpoint(run / "best.pt")
     assert best["best_metric"] == pytest.approx(max(float(r["dice_mean"]) for r in rows), abs=1e-6)
     assert not list(run.glob("*.tmp"))
@@ -117,3 +118,19 @@ def test_early_stopping_stops_after_patience(task_dir, tmp_path):
     trainer.training_loop()
     assert trainer.epoch == 4 and trainer.best_metric == pytest.approx(0.6)
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+
+
+def test_learning_rate_decays_to_zero_over_the_epochs(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=4, lr=0.1)
+    trainer.training_loop()
+    lrs = [row["lr"] for row in trainer.history]
+    assert lrs == pytest.approx([0.1 * (1 - e / 4) ** 0.9 for e in (1, 2, 3, 4)])
+
+
+def test_learning_rate_follows_the_clock_under_a_time_budget(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=100, max_minutes=10)
+    trainer.minutes_trained = lambda: 5.0           # half the budget used after one epoch
+    trainer.epoch = 1
+    assert trainer.poly_factor() == pytest.approx(0.5 ** 0.9)
+    trainer.minutes_trained = lambda: 10.5
+    assert trainer.poly_factor() == 0 and trainer.time_is_up()

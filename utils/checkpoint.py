@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from utils.errors import CheckpointError
 
@@ -57,6 +58,9 @@ def load_checkpoint(path: str | Path) -> dict:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is not a checkpoint this program can read safely ({first_line}). "
                               f"Pass a best.pt or last.pt written by main.py.") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        # Weights saved from a DistributedDataParallel wrapper elsewhere carry a "module." prefix.
+        consume_prefix_in_state_dict_if_present(state["model"], "module.")
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this program "
                               f"(it lacks {[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]}). "

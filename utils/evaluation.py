@@ -19,6 +19,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from utils.data_class import Cases
+from utils.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 SLIDING_WINDOW_OVERLAP = 0.25
@@ -101,29 +102,37 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
 
 def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.device, autocast: Autocast,
              class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
-             postprocess: bool = False) -> dict:
+             postprocess: bool = False, place: Place = Place()) -> dict:
     """Predict every case and measure it on its own voxel grid.
+
+    Under DDP each process measures every world_size-th case, and the per-case results are
+    gathered, so every process returns the figures of a single-process evaluation.
 
     Returns {'loss': mean loss on the padded tensors (or None), 'rows': one dict per case,
     'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)},
-    'predictions': label maps (1, X, Y, Z) on each case's own grid}.
+    'predictions': label maps (1, X, Y, Z) on their own grids of this process's cases,
+    'prediction_ids': those cases' ids}.
     """
-    logits = predict_logits(model, cases.images, batch_size, device, autocast)
-    loss = None
-    if loss_fn is not None:
-        losses = [loss_fn(logits[i:i + batch_size], cases.labels[i:i + batch_size].long()).item()
-                  * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size)]
-        loss = sum(losses) / len(logits)
-    measure = CaseMetrics(class_names, distances)
-    rows, predictions = [], []
-    for index, scores in enumerate(logits):
-        prediction = cases.uncrop[index](scores.argmax(0, keepdim=True).to(torch.uint8))
-        if postprocess:
-            prediction = keep_largest_component(prediction, len(class_names) + 1)
-        predictions.append(prediction)
-        rows.append({"case": cases.ids[index],
-                     **measure(prediction, cases.native_labels[index], cases.spacings[index])})
-    keys = [key for key in rows[0] if key != "case"]
-    summary = summarise(rows, keys)
+    mine = cases.subset(cases.ids[place.rank::place.world_size]) if place.distributed else cases
+    rows, predictions, loss_sum = [], [], 0.0
+    if len(mine):
+        logits = predict_logits(model, mine.images, batch_size, device, autocast)
+        if loss_fn is not None:
+            loss_sum = sum(loss_fn(logits[i:i + batch_size], mine.labels[i:i + batch_size].long()).item()
+                           * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size))
+        measure = CaseMetrics(class_names, distances)
+        for index, scores in enumerate(logits):
+            prediction = mine.uncrop[index](scores.argmax(0, keepdim=True).to(torch.uint8))
+            if postprocess:
+                prediction = keep_largest_component(prediction, len(class_names) + 1)
+            predictions.append(prediction)
+            rows.append({"case": mine.ids[index],
+                         **measure(prediction, mine.native_labels[index], mine.spacings[index])})
+    parts = gather((rows, loss_sum), place)
+    order = {case: i for i, case in enumerate(cases.ids)}
+    rows = sorted((row for part_rows, _ in parts for row in part_rows), key=lambda row: order[row["case"]])
+    loss = sum(part_loss for _, part_loss in parts) / len(cases) if loss_fn is not None else None
+    summary = summarise(rows, [key for key in rows[0] if key != "case"])
     dice = torch.tensor([summary[f"dice_{name}"][0] for name in class_names])
-    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary, "predictions": predictions}
+    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary, "predictions": predictions,
+            "prediction_ids": mine.ids}

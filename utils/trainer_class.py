@@ -20,6 +20,7 @@ from tqdm import tqdm
 from utils.args import Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
+from utils.distributed import Place, any_process, gather, unwrap
 from utils.evaluation import amp_dtype, evaluate
 from utils.plots import plot_curves, plot_predictions, write_progress_gif
 
@@ -32,13 +33,10 @@ def make_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def make_optimizer(model: nn.Module, config: Config):
-    """SGD with Nesterov momentum over the trainable parameters only (fine-tuning freezes the
-    rest), and a poly learning-rate decay to zero over the epochs."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs, power=POLY_POWER)
-    return optimizer, scheduler
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum over the trainable parameters only (fine-tuning freezes the rest)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                           momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,11 +45,12 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
-                 val_cases: Cases, config: Config, run_dir: str | Path, device: torch.device,
-                 class_names: list[str], run_info: dict):
-        self.model, self.loss_fn = model, loss_fn
-        self.optimizer, self.scheduler = optimizer, scheduler
+                 train_loader: DataLoader, val_cases: Cases, config: Config, run_dir: str | Path, device: torch.device,
+                 class_names: list[str], run_info: dict, place: Place | None = None):
+        self.model, self.loss_fn = model, loss_fn       # model: the network, or its DDP wrapper
+        self.network = unwrap(model)                    # the network itself: evaluated and saved
+        self.place = place or Place(device=device)      # rank and world size under torchrun
+        self.optimizer = optimizer
         self.train_loader, self.val_cases = train_loader, val_cases
         self.config, self.device = config, device
         self.run_dir = Path(run_dir)
@@ -69,7 +68,10 @@ class Trainer:
         self.epochs_without_improvement = 0
         self.history: list[dict] = []                   # one row of metrics.csv per epoch
         self.progress_frames: list[torch.Tensor] = []   # the first validation case, after each epoch
+        self.minutes_before = 0.0                       # training time of earlier sessions (-resume)
         self.started = time.monotonic()
+        # Poly decay of the learning rate to 0 over the run (nnU-Net's schedule).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.poly_factor)
 
     # ------------------------------------------------------------ one step
 
@@ -93,15 +95,29 @@ class Trainer:
 
     # ------------------------------------------------------------ one epoch
 
+    def minutes_trained(self) -> float:
+        return self.minutes_before + (time.monotonic() - self.started) / 60
+
     def time_is_up(self) -> bool:
         limit = self.config.max_minutes
-        return limit is not None and time.monotonic() - self.started > limit * 60
+        # Under DDP all processes must stop at the same step, so they agree first.
+        return limit is not None and any_process(self.minutes_trained() > limit, self.place)
+
+    def poly_factor(self, _: int = 0) -> float:
+        """Learning-rate factor (1 - progress) ** 0.9, where progress runs from 0 to 1 over the
+        epochs, or over -max_minutes when that budget runs out first. (With a time budget the
+        schedule follows the clock, so such runs are not bit-for-bit repeatable.)"""
+        progress = self.epoch / self.config.epochs
+        if self.config.max_minutes is not None:
+            progress = max(progress, self.minutes_trained() / self.config.max_minutes)
+        return (1 - min(progress, 1.0)) ** POLY_POWER
 
     def train_one_epoch(self) -> float:
         """Train for one epoch (Nit iterations) and return the mean training loss."""
         self.model.train()
         total, count = torch.zeros((), device=self.device), 0
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
+                   disable=not self.place.is_main)
         for iteration, batch in enumerate(bar, start=1):
             loss, _ = self.forward_pass(batch)
             if not torch.isfinite(loss) and not self.scaler.is_enabled():
@@ -118,21 +134,20 @@ class Trainer:
         return total.item() / max(count, 1)
 
     def validate(self) -> dict:
-        return evaluate(self.model, self.val_cases, self.config.batch_size, self.device, self.autocast,
-                        self.class_names, loss_fn=self.loss_fn)
+        return evaluate(self.network, self.val_cases, self.config.batch_size, self.device, self.autocast,
+                        self.class_names, loss_fn=self.loss_fn, place=self.place)
 
     # ------------------------------------------------------------ the whole run
 
     def training_loop(self) -> None:
-        self.started = time.monotonic()
         if self.epoch == 0:   # so that even a run stopped in its first epoch can be resumed
-            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+            self.save("last.pt")
         predictions = None
         for epoch in range(self.epoch, self.config.epochs):
             train_loss = self.train_one_epoch()
             metrics = self.validate()
-            self.scheduler.step()
             self.epoch = epoch + 1
+            self.scheduler.step()
 
             mean_dice = metrics["dice"].mean().item()
             improved = mean_dice > self.best_metric
@@ -140,31 +155,40 @@ class Trainer:
                 self.best_metric, self.epochs_without_improvement = mean_dice, 0
             else:
                 self.epochs_without_improvement += 1
-            predictions = metrics["predictions"]
-            self.progress_frames.append(predictions[0])
+            predictions = metrics
+            self.progress_frames.append(metrics["predictions"][0] if self.place.is_main else None)
             self.log(train_loss, metrics, improved)
             if improved:
-                save_checkpoint(self.state_dict(), self.run_dir / "best.pt")
-            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+                self.save("best.pt")
+            self.save("last.pt")
 
             patience = self.config.early_stopping
+            # The validation figures are the same in every process, so they all stop together.
             if patience is not None and self.epochs_without_improvement >= patience:
-                tqdm.write(f"Early stopping: no improvement for {patience} epochs. "
+                self.say(f"Early stopping: no improvement for {patience} epochs. "
                            f"Best mean Dice {self.best_metric:.4f} is in {self.run_dir / 'best.pt'}")
                 break
             if self.time_is_up():
-                tqdm.write(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
+                self.say(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
                 break
-        if predictions is not None:
+        if predictions is not None and self.place.is_main:
             self.draw_pictures(predictions)
 
-    def draw_pictures(self, predictions: list[torch.Tensor]) -> None:
+    def say(self, text: str) -> None:
+        if self.place.is_main:
+            tqdm.write(text)
+
+    def save(self, name: str) -> None:
+        state = self.state_dict()          # every process takes part: it gathers their RNG states
+        if self.place.is_main:
+            save_checkpoint(state, self.run_dir / name)
+
+    def draw_pictures(self, metrics: dict) -> None:
         """predictions.png (a few validation cases) and progress.gif (one case across epochs)."""
-        cases = self.val_cases
-        shown = range(min(PICTURE_CASES, len(cases)))
-        native_images = [cases.uncrop[i](cases.images[i]) for i in shown]
-        plot_predictions(native_images, [cases.native_labels[i] for i in shown],
-                         [predictions[i] for i in shown], [cases.ids[i] for i in shown],
+        shown = metrics["prediction_ids"][:PICTURE_CASES]
+        cases = self.val_cases.subset(shown)
+        native_images = [cases.uncrop[i](cases.images[i]) for i in range(len(cases))]
+        plot_predictions(native_images, cases.native_labels, metrics["predictions"][:len(shown)], shown,
                          self.run_dir / "predictions.png")
         write_progress_gif(native_images[0], self.progress_frames, self.run_dir / "progress.gif", cases.ids[0])
 
@@ -175,10 +199,12 @@ class Trainer:
                "dice_mean": round(metrics["dice"].mean().item(), 6),
                "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(row)
+        if not self.place.is_main:
+            return
         dice_text = " ".join(f"{name} {row[f'dice_{name}']:.4f}" for name in self.class_names)
-        tqdm.write(f"epoch {self.epoch:3d}/{self.config.epochs}  train loss {row['train_loss']:.4f}  "
+        self.say(f"epoch {self.epoch:3d}/{self.config.epochs}  train loss {row['train_loss']:.4f}  "
                    f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
-                   f"  ({(time.monotonic() - self.started) / 60:.1f} min)" + ("  *best*" if improved else ""))
+                   f"  ({self.minutes_trained():.1f} min)" + ("  *best*" if improved else ""))
         self.write_metrics_csv()
         plot_curves(self.history, self.class_names, self.run_dir / "curves.png")
 
@@ -198,32 +224,36 @@ class Trainer:
     def state_dict(self) -> dict:
         sampler = self.train_loader.sampler
         return {
-            "model": self.model.state_dict(),
+            "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best_metric": self.best_metric,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "minutes_trained": self.minutes_trained(),
             "history": self.history,
             "progress_frames": self.progress_frames,
             "config": self.config.to_dict(),
             **self.run_info,
-            "rng": {**rng_states(), "sampler": sampler.state_dict(),
+            "rng": {"processes": gather(rng_states(), self.place), "sampler": sampler.state_dict(),
                     "loader": self.train_loader.generator.get_state()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` (a last.pt) left off."""
-        self.model.load_state_dict(state["model"])
+        self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = state["epoch"]
         self.best_metric = state["best_metric"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
+        self.minutes_before = state["minutes_trained"]
         self.history = list(state["history"])
         self.progress_frames = list(state["progress_frames"])
-        set_rng_states(state["rng"])
+        # Each process continues its own random stream (when the process count is unchanged).
+        processes = state["rng"]["processes"]
+        set_rng_states(processes[self.place.rank] if len(processes) == self.place.world_size else processes[0])
         self.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
         self.train_loader.generator.set_state(state["rng"]["loader"])
