@@ -34,44 +34,26 @@ def optional(kind):
     return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small; it must be 1 or more")
-    return value
+def checked(kind: type, accept, requirement: str):
+    """An argparse type: `kind` (int or float) of a value for which `accept(value)` holds."""
+    noun = "whole number" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a {noun}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{value} {requirement}")
+        return value
+    parse.__name__ = noun
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; it must be 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number greater than 0")
-    return value
-
-
-def open_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1); use e.g. 0.8 for 80%% training cases")
-    return value
+positive_int = checked(int, lambda v: v >= 1, "is too small; it must be 1 or more")
+non_negative_int = checked(int, lambda v: v >= 0, "is negative; it must be 0 or more")
+positive_float = checked(float, lambda v: 0 < v < float("inf"), "must be a finite number greater than 0")
+open_ratio = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); use e.g. 0.8 for 80% training cases")
 
 
 def existing_file(text: str) -> str:
