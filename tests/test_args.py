@@ -78,3 +78,9 @@ def test_config_from_dict_goes_through_the_same_checks():
 
 def test_explicit_options_are_only_the_typed_ones():
     assert explicit_options(["-epochs", "5", "-resume"]) == {"epochs": 5, "resume": True}
+
+
+def test_a_time_limit_alone_lets_the_clock_end_the_run():
+    assert parse_args(["-max_minutes", "10"]).epochs == 100_000
+    assert parse_args(["-max_minutes", "10", "-epochs", "30"]).epochs == 30
+    assert parse_args([]).epochs == 100

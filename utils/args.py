@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Sequence
 
+EPOCHS_UNDER_A_TIME_LIMIT = 100_000
 TRUE_WORDS = {"true", "yes", "y", "1", "on"}
 FALSE_WORDS = {"false", "no", "n", "0", "off"}
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     train.add_argument("-batch_size", type=positive_int, default=16, help="samples per iteration")
-    train.add_argument("-epochs", type=positive_int, default=100, help="number of epochs")
+    train.add_argument("-epochs", type=positive_int, default=100,
+                       help="number of epochs; with -max_minutes and no -epochs, as many as the time allows")
     train.add_argument("-Nit", type=optional(positive_int), default=None,
                        help="iterations per epoch; None means one pass over the training set")
     train.add_argument("-lr", type=positive_float, default=0.01, help="initial learning rate")
@@ -184,6 +186,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         return config_from_file(namespace.config, argv)
     if len(namespace.channels) < 2:
         parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
+    if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
+        namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
     return Config(**vars(namespace))
 
 

@@ -321,9 +321,9 @@ class BatchAugmentation:
         """images (B, C, D, H, W) float, labels (B, 1, D, H, W) uint8 -> augmented copies."""
         images, labels = self.random_crop(images, labels)
         n = len(images)
-        flip = (torch.rand(n) < self.flip_probability).view(-1, 1, 1, 1, 1)
-        images = torch.where(flip, images.flip(2), images)          # axis 2: left-right (RAS)
-        labels = torch.where(flip, labels.flip(2), labels)
+        # Each step changes only the samples it draws (in place on the cropped copies).
+        flip = torch.nonzero(torch.rand(n) < self.flip_probability).flatten()
+        images[flip], labels[flip] = images[flip].flip(2), labels[flip].flip(2)   # axis 2: left-right
         chosen = torch.nonzero(torch.rand(n) < self.affine_probability).flatten()
         if len(chosen):
             grid = F.affine_grid(self.random_affines(len(chosen), images.shape[2:]),
@@ -331,9 +331,9 @@ class BatchAugmentation:
             images[chosen] = F.grid_sample(images[chosen], grid, mode="bilinear", align_corners=False)
             labels[chosen] = F.grid_sample(labels[chosen].float(), grid, mode="nearest",
                                            align_corners=False).to(labels.dtype)
-        brighter = torch.rand(n) < self.brightness_probability
-        factor = torch.empty(n).uniform_(1 - self.brightness, 1 + self.brightness)
-        images = images * torch.where(brighter, factor, torch.ones(n)).view(-1, 1, 1, 1, 1)
+        brighter = torch.nonzero(torch.rand(n) < self.brightness_probability).flatten()
+        factor = torch.empty(len(brighter)).uniform_(1 - self.brightness, 1 + self.brightness)
+        images[brighter] *= factor.view(-1, 1, 1, 1, 1)
         noisy = torch.nonzero(torch.rand(n) < self.noise_probability).flatten()
         if len(noisy):
             images[noisy] += self.noise_std * torch.randn_like(images[noisy])
