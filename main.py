@@ -27,6 +27,7 @@ from utils.model import build_model, count_parameters, downsampling_factor, free
 from utils.prediction import predict_files
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer
 
+
 def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
     """The interrupted run's config and last.pt, with options typed on this command line on top."""
     last = Path(config.best_models_dir) / "last.pt"
@@ -34,7 +35,8 @@ def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict
         raise CheckpointError(f"Nothing to resume: {last} does not exist. Start a new run without "
                               f"-resume, or point -best_models_dir at the folder of the run to continue.")
     state = load_checkpoint(last)
-    saved = {**state["config"], **explicit_options(argv), "resume": True}
+    # Defaults first, so that a checkpoint from before an option existed still resumes.
+    saved = {**parse_args([]).to_dict(), **state["config"], **explicit_options(argv), "resume": True}
     return Config(**saved), state
 
 
