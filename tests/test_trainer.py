@@ -1,4 +1,5 @@
 import csv
+import os
 
 import pytest
 import torch
@@ -71,6 +72,15 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
     best = load_checkpoint(run / "best.pt")
     assert best["best_metric"] == pytest.approx(max(float(r["dice_mean"]) for r in rows), abs=1e-6)
     assert not list(run.glob("*.tmp"))
+    # Readable like any other file the user writes (mkstemp alone would make it private).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    # progress.gif's frames are kept as three small mid-slices per epoch, not whole volumes.
+    assert len(last["progress_frames"]) == 3
+    assert all(len(frame) == 3 and all(s.ndim == 2 and s.dtype == torch.uint8 for s in frame)
+               for frame in last["progress_frames"])
+    assert (run / "progress.gif").stat().st_size > 0 and (run / "predictions.png").is_file()
 
 
 def test_epoch_losses_are_means_over_the_epoch(task_dir, tmp_path):

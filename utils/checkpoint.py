@@ -35,6 +35,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())   # mkstemp makes it private (0600)
         os.replace(temporary, path)
     except BaseException as error:
         if temporary is not None:
@@ -45,6 +46,12 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
                                   f"space or make {path.parent} writable, then continue with -resume True "
                                   f"(or pick another -best_models_dir).") from None
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict:

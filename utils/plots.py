@@ -26,9 +26,17 @@ def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
     return [v[d].T, v[:, h].T, v[:, :, w].T]
 
 
-def show_slices(axes, image: torch.Tensor, label: torch.Tensor | None = None) -> None:
-    for ax, image_slice, label_slice in zip(axes, mid_slices(image),
-                                            mid_slices(label) if label is not None else [None] * 3):
+def as_slices(volume) -> list[np.ndarray]:
+    """Mid-slices of a volume, or the slices themselves if it is already a list of three."""
+    if isinstance(volume, (list, tuple)):
+        return [torch.as_tensor(s).float().numpy() for s in volume]
+    return mid_slices(volume)
+
+
+def show_slices(axes, image, label=None) -> None:
+    """Draw the three mid-slices of `image` with `label` overlaid (volumes or lists of slices)."""
+    for ax, image_slice, label_slice in zip(axes, as_slices(image),
+                                            as_slices(label) if label is not None else [None] * 3):
         ax.imshow(image_slice, cmap="gray", origin="lower")
         if label_slice is not None:
             ax.imshow(label_slice, cmap=LABEL_COLOURS, vmin=0, vmax=2, origin="lower", interpolation="nearest")
@@ -73,9 +81,9 @@ def plot_predictions(images: torch.Tensor, truths: torch.Tensor, predictions: to
     return figure
 
 
-def write_progress_gif(image: torch.Tensor, frames: Sequence[torch.Tensor], path: str | Path,
-                       case: str) -> None:
-    """One case's prediction after each epoch, as an animated GIF. frames: (1, D, H, W) label maps."""
+def write_progress_gif(image: torch.Tensor, frames: Sequence, path: str | Path, case: str) -> None:
+    """One case's prediction after each epoch, as an animated GIF. frames: label maps, each a
+    volume or its three mid-slices."""
     figure = Figure(figsize=(7.5, 2.8), layout="constrained")
     axes = figure.subplots(1, 3)
 

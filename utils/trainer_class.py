@@ -22,7 +22,7 @@ from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
 from utils.distributed import Place, any_process, gather, unwrap
 from utils.evaluation import amp_dtype, evaluate
-from utils.plots import plot_curves, plot_predictions, write_progress_gif
+from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
 POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
@@ -67,7 +67,8 @@ class Trainer:
         self.best_metric = -math.inf                    # best validation mean Dice so far
         self.epochs_without_improvement = 0
         self.history: list[dict] = []                   # one row of metrics.csv per epoch
-        self.progress_frames: list[torch.Tensor] = []   # the first validation case, after each epoch
+        self.progress_frames: list[list[torch.Tensor]] = []   # mid-slices of the first validation
+                                                              # case's prediction, after each epoch
         self.minutes_before = 0.0                       # training time of earlier sessions (-resume)
         self.started = time.monotonic()
         # Poly decay of the learning rate to 0 over the run (nnU-Net's schedule).
@@ -156,7 +157,9 @@ class Trainer:
             else:
                 self.epochs_without_improvement += 1
             predictions = metrics
-            self.progress_frames.append(metrics["predictions"][0] if self.place.is_main else None)
+            if self.place.is_main:   # only the mid-slices: checkpoints keep every epoch's frame
+                frame = metrics["predictions"][0]
+                self.progress_frames.append([torch.as_tensor(s).to(torch.uint8) for s in mid_slices(frame)])
             self.log(train_loss, metrics, improved)
             if improved:
                 self.save("best.pt")
