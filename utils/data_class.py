@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchio as tio
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from utils.errors import DataError
 
@@ -165,8 +166,6 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
     The target shape is the smallest that holds every case, unless `preprocessing` (from a
     checkpoint) is given.
     """
-    from tqdm import tqdm
-
     label_values = set(info.label_names)
     # As a context manager the bar is closed (its line ended) if a case fails to load.
     with tqdm(info.pairs, desc="reading cases", disable=not progress) as pairs:

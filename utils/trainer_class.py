@@ -5,7 +5,6 @@ and metrics.csv.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import time
@@ -21,7 +20,7 @@ from utils.args import Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
 from utils.distributed import Place, any_process, gather, unwrap
-from utils.evaluation import amp_dtype, evaluate
+from utils.evaluation import autocast_for, evaluate
 from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
@@ -60,7 +59,7 @@ class Trainer:
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
         # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through).
-        self.amp_dtype = amp_dtype(device)
+        self.autocast = autocast_for(device, config.mixed_precision)   # fp16 on CUDA, bf16 on CPU
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and device.type == "cuda")
 
         self.epoch = 0                                  # epochs completed
@@ -75,9 +74,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.poly_factor)
 
     # ------------------------------------------------------------ one step
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.mixed_precision)
 
     def forward_pass(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, D, H, W), labels (B, 1, D, H, W) -> (loss, logits (B, K, D, H, W))."""
@@ -126,7 +122,7 @@ class Trainer:
                 raise NonFiniteLossError(f"The training loss became {loss.item()} at epoch {self.epoch + 1}, "
                                          f"iteration {iteration}. Try a lower -lr, or -mixed_precision False.")
             self.backward_pass(loss)
-            total += loss.detach()                      # no .item() here: it would sync with the GPU
+            total += loss.detach()
             count += 1
             if iteration % 10 == 0:
                 bar.set_postfix(loss=f"{total.item() / count:.4f}")
