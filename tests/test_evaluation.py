@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils.evaluation import CaseMetrics, keep_largest_component, summarise
+from utils.evaluation import CaseMetrics, keep_largest_component, label_map, summarise
 
 NAMES = ["Anterior", "Posterior"]
 
@@ -61,3 +61,12 @@ def test_summary_is_mean_and_std_ignoring_nan():
     rows = [{"dice_A": 0.5}, {"dice_A": 1.0}, {"dice_A": float("nan")}]
     mean, std = summarise(rows, ["dice_A"])["dice_A"]
     assert mean == pytest.approx(0.75) and std == pytest.approx(0.25)
+
+
+def test_label_map_is_the_class_of_highest_score():
+    scores = torch.randn(3, 6, 7, 5)
+    scores[:, 0, 0, 0] = torch.tensor([1.0, 1.0, 0.0])   # a tie goes to the first class, as argmax
+    labels = label_map(scores)
+    assert labels.shape == (1, 6, 7, 5) and labels.dtype == torch.uint8
+    assert torch.equal(labels, scores.argmax(0, keepdim=True).to(torch.uint8))
+    assert labels[0, 0, 0, 0] == 0

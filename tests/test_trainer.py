@@ -35,10 +35,13 @@ def test_forward_pass_gives_loss_and_logits(task_dir, tmp_path):
     assert logits.shape == (2, 3, 12, 14, 12)
 
 
-def test_cpu_mixed_precision_is_bf16_without_a_scaler(task_dir, tmp_path):
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_cpu_mixed_precision_is_bf16_without_a_scaler_where_the_cpu_has_it(task_dir, tmp_path, monkeypatch,
+                                                                          native_bf16, expected):
+    monkeypatch.setattr("utils.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
-    assert logits.dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert logits.dtype == expected and not trainer.scaler.is_enabled()
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=False)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
     assert logits.dtype == torch.float32

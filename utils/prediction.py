@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from utils.data_class import Preprocessing
 from utils.errors import UserError
-from utils.evaluation import Autocast, keep_largest_component, predict_logits
+from utils.evaluation import Autocast, keep_largest_component, label_map, predict_logits
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -75,7 +75,7 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
     subject = preprocessing.transform(pad_only=True)(tio.Subject(image=image))
     logits = predict_logits(model, subject.image.data[None].float(), 1, device, autocast,
                             roi_size=preprocessing.target_shape)
-    label = logits[0].argmax(0, keepdim=True).to(torch.uint8)
+    label = label_map(logits[0])
     if postprocess:
         label = keep_largest_component(label, num_classes)
     subject.add_image(tio.LabelMap(tensor=label, affine=subject.image.affine), "prediction")

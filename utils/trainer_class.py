@@ -58,8 +58,9 @@ class Trainer:
 
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
-        # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through).
-        self.autocast = autocast_for(device, config.mixed_precision)   # fp16 on CUDA, bf16 on CPU
+        # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through);
+        # on a CPU without native bf16, plain fp32 (see amp_dtype).
+        self.autocast = autocast_for(device, config.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and device.type == "cuda")
 
         self.epoch = 0                                  # epochs completed
