@@ -149,7 +149,7 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
     rows, summary_rows = [], []
     for postprocessed in (False, True):
         result = evaluate(model, cases, config.batch_size, device, autocast, info.foreground_names,
-                          distances=True, postprocess=postprocessed)
+                          distances=True, postprocess=postprocessed, mirror=config.tta)
         rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
         summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
                           "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4)}
@@ -176,7 +176,7 @@ def predict(config: Config) -> int:
                              Preprocessing.from_dict(state["preprocessing"]), device,
                              autocast_for(device, config.mixed_precision),
                              state["model_config"]["in_channels"], state["model_config"]["out_channels"],
-                             postprocess=config.postprocess)
+                             postprocess=config.postprocess, mirror=config.tta)
     return 1 if failures else 0
 
 

@@ -21,8 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from utils.environment import choose_device  # noqa: E402  (after the path above)
+from utils.evaluation import amp_dtype  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -34,7 +39,6 @@ def peak_rss_mb() -> float:
 
 def reference(config, iterations: int, warmup: int) -> float:
     """The TorchIO tutorial's pipeline, as written, with this project's model and batch size."""
-    import torch
     import torchio as tio
     from monai.losses import DiceLoss
 
@@ -73,8 +77,6 @@ def reference(config, iterations: int, warmup: int) -> float:
 
 def project_trainer(config, Nit: int):
     """This project's Trainer, wired exactly as main.py wires it."""
-    import torch
-
     from utils.data_class import load_cases, read_task, split_cases, train_loader
     from utils.environment import seed_everything
     from utils.model import build_model, downsampling_factor, model_config
@@ -123,8 +125,8 @@ PARTS = {"a": ("reference (TorchIO tutorial pipeline, fp32, 2 workers)", referen
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS), help="run one part (used internally)")
-    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per part (default: 30)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: 3)")
+    parser.add_argument("--iterations", type=int, default=100, help="timed iterations per part (default: 100)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default: 5)")
     known, main_options = parser.parse_known_args()
 
     from utils.args import parse_args
@@ -145,7 +147,9 @@ def main() -> None:
         print(f"({part}) {title}: {results[part]['it_per_s']:.2f} it/s, "
               f"peak RSS {results[part]['peak_rss_mb']:.0f} MB", flush=True)
     a, b, c = (results[p]["it_per_s"] for p in "abc")
-    print(f"batch {config.batch_size}, channels {config.channels}, mixed precision {config.mixed_precision}, "
+    low_precision = amp_dtype(choose_device(config.device)) if config.mixed_precision else None
+    print(f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}, "
+          f"patch {config.patch_size}, (b) and (c) in {low_precision or torch.float32}, "
           f"num_workers {config.num_workers}, {known.iterations} timed iterations")
     print(f"ratio_vs_reference {b / a:.2f} ratio_vs_bound {b / c:.2f}")
 

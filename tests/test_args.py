@@ -13,10 +13,12 @@ def usage_error(argv, capsys) -> str:
 def test_defaults_are_the_documented_ones():
     c = parse_args([])
     assert (c.task, c.google_id, c.batch_size, c.train_val_ratio, c.epochs, c.lr) == (
-        "Task04_Hippocampus", "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C", 16, 0.8, 100, 0.01)
+        "Task04_Hippocampus", "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C", 2, 0.8, 100, 0.01)
     assert c.early_stopping is None and c.train_from_checkpoint is None and c.Nit is None
     assert (c.fine_tune, c.best_models_dir, c.mixed_precision, c.random_seed) == (False, "best_models", True, 42)
     assert (c.data_dir, c.device, c.num_workers, c.resume) == ("data", "auto", 0, False)
+    # Chosen by the 10-minute experiments of benchmarks/README.md:
+    assert (c.channels, c.num_res_units, c.patch_size, c.tta) == ([16, 32, 64, 128], 1, [40, 56, 40], True)
 
 
 @pytest.mark.parametrize("word, expected", [("True", True), ("false", False), ("YES", True), ("no", False),

@@ -1,10 +1,11 @@
 """Metrics against hand-built volumes whose Dice and distances are known."""
+import contextlib
 import math
 
 import pytest
 import torch
 
-from utils.evaluation import CaseMetrics, keep_largest_component, label_map, summarise
+from utils.evaluation import CaseMetrics, keep_largest_component, label_map, predict_logits, summarise
 
 NAMES = ["Anterior", "Posterior"]
 
@@ -70,3 +71,19 @@ def test_label_map_is_the_class_of_highest_score():
     assert labels.shape == (1, 6, 7, 5) and labels.dtype == torch.uint8
     assert torch.equal(labels, scores.argmax(0, keepdim=True).to(torch.uint8))
     assert labels[0, 0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 6), (10, 8, 6)])   # one pass; sliding windows (wider than roi)
+def test_mirrored_prediction_is_left_right_equivariant(shape):
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(1, 3, 3, padding=1)               # not symmetric: its kernel is random
+    images = torch.randn(2, 1, *shape)
+    no_autocast = lambda: contextlib.nullcontext()
+    predict = lambda x, mirror: predict_logits(model, x, 2, torch.device("cpu"), no_autocast,
+                                               roi_size=(6, 8, 6), mirror=mirror)
+    plain, mirrored_scores = predict(images, False), predict(images, True)
+    assert mirrored_scores.shape == plain.shape == (2, 3, *shape)
+    assert not torch.allclose(mirrored_scores, plain)
+    # The mirror image of a scan gets the mirror image of its prediction, and vice versa.
+    assert torch.allclose(predict(images.flip(2), True), mirrored_scores.flip(2), atol=1e-5)
+    assert not torch.allclose(predict(images.flip(2), False), plain.flip(2), atol=1e-3)

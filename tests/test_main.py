@@ -113,3 +113,12 @@ def test_command_line_in_a_subprocess(task_dir, tmp_path):
     bad = subprocess.run([sys.executable, "main.py", "-data_dir", str(tmp_path / "nowhere.tar")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_mixed_precision_on_a_cpu_without_native_bf16_says_it_trains_in_fp32(task_dir, tmp_path, monkeypatch,
+                                                                            capsys, native_bf16):
+    monkeypatch.setattr("utils.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
+    assert run_main(task_dir, tmp_path / "run", "-epochs", "1", "-mixed_precision", "True") == 0
+    said = "no native bf16" in capsys.readouterr().out
+    assert said != native_bf16

@@ -1,6 +1,6 @@
 """Command-line options: their names, defaults, help texts and value checks. Nothing else.
 
-Every option is single-dash (``-batch_size 16``) because that is what users already type.
+Every option is single-dash (``-batch_size 2``) because that is what users already type.
 `parse_args` returns a typed `Config`; the notebook builds the same `Config` from a dict with
 `config_from_dict`, so both go through the defaults defined here and only here.
 """
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DataLoader worker processes for augmentation (0: in the main process)")
 
     train = p.add_argument_group("training")
-    train.add_argument("-batch_size", type=positive_int, default=16, help="samples per iteration")
+    train.add_argument("-batch_size", type=positive_int, default=2,
+                       help="samples per iteration (2: the most accurate in 10 CPU minutes, benchmarks/README.md)")
     train.add_argument("-epochs", type=positive_int, default=100,
                        help="number of epochs; with -max_minutes and no -epochs, as many as the time allows")
     train.add_argument("-Nit", type=optional(positive_int), default=None,
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this many minutes of wall time (validating and saving as "
                             "usual); None means no limit")
     train.add_argument("-mixed_precision", default=True, help="automatic mixed precision "
-                       "(fp16 + GradScaler on CUDA, bf16 on CPU)", **flag)
+                       "(fp16 + GradScaler on CUDA, bf16 on a CPU with native bf16, else fp32)", **flag)
     train.add_argument("-augment", default=True, help="random augmentation of training samples", **flag)
     train.add_argument("-random_seed", type=int, default=42, help="seed of every random generator")
     train.add_argument("-device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
@@ -111,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
                        help="U-Net feature channels per level; each level after the first halves "
                             "the resolution")
-    model.add_argument("-num_res_units", type=non_negative_int, default=0,
-                       help="residual units per U-Net block")
+    model.add_argument("-num_res_units", type=non_negative_int, default=1,
+                       help="residual units per U-Net block (1: two convolutions per level, "
+                            "benchmarks/README.md)")
 
     run = p.add_argument_group("checkpoints")
     run.add_argument("-best_models_dir", type=str, default="best_models",
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a NIfTI file or a folder of them to segment with -train_from_checkpoint")
     use.add_argument("-predictions_dir", type=str, default="predictions",
                      help="where -predict writes label maps, under the input file names")
+    use.add_argument("-tta", default=True,
+                     help="test-time mirroring in validation, -evaluate and -predict: average the "
+                          "prediction with that of the left-right mirrored image (2x inference time)",
+                     **flag)
     use.add_argument("-postprocess", default=False,
                      help="keep the largest connected component of each class in predictions", **flag)
     use.add_argument("-config", type=optional(existing_file), default=None,
@@ -171,6 +177,7 @@ class Config:
     evaluate_split: str
     predict: str | None
     predictions_dir: str
+    tta: bool
     postprocess: bool
     config: str | None
 

@@ -291,6 +291,9 @@ def spread_repeats(indices: list[int], window: int) -> None:
 # ---------------------------------------------------------------- augmentation and loaders
 
 
+LEFT_RIGHT = 2     # the left-right axis of a (B, C, D, H, W) batch in canonical (RAS) orientation
+
+
 @dataclasses.dataclass
 class BatchAugmentation:
     """Random augmentation drawn for each sample, applied to the whole batch with torch ops.
@@ -322,7 +325,7 @@ class BatchAugmentation:
         n = len(images)
         # Each step changes only the samples it draws (in place on the cropped copies).
         flip = torch.nonzero(torch.rand(n) < self.flip_probability).flatten()
-        images[flip], labels[flip] = images[flip].flip(2), labels[flip].flip(2)   # axis 2: left-right
+        images[flip], labels[flip] = images[flip].flip(LEFT_RIGHT), labels[flip].flip(LEFT_RIGHT)
         chosen = torch.nonzero(torch.rand(n) < self.affine_probability).flatten()
         if len(chosen):
             grid = F.affine_grid(self.random_affines(len(chosen), images.shape[2:]),

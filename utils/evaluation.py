@@ -18,7 +18,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from utils.data_class import Cases
+from utils.data_class import LEFT_RIGHT, Cases
 from utils.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -47,24 +47,33 @@ def autocast_for(device: torch.device, enabled: bool) -> Autocast:
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=enabled and dtype is not None)
 
 
+def mirrored(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Test-time mirroring (as nnU-Net): the mean of the model's scores for a batch and, flipped
+    back, for its left-right mirror image, the one flip used in training."""
+    return lambda x: (model(x) + model(x.flip(LEFT_RIGHT)).flip(LEFT_RIGHT)) / 2
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                   autocast: Autocast, roi_size: Sequence[int] | None = None) -> torch.Tensor:
+                   autocast: Autocast, roi_size: Sequence[int] | None = None,
+                   mirror: bool = False) -> torch.Tensor:
     """Class scores (N, K, D, H, W), float32 on the CPU, for preprocessed images (N, C, D, H, W).
 
     Images larger than `roi_size` (the training shape) are predicted window by window with
-    MONAI's sliding-window inference; images of the training shape in one pass.
+    MONAI's sliding-window inference; images of the training shape in one pass. With `mirror`,
+    scores are averaged with those of the mirror images (twice the work).
     """
     model.eval()
+    predictor = mirrored(model) if mirror else model
     roi_size = tuple(roi_size or images.shape[2:])
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
         with autocast():
             if tuple(batch.shape[2:]) == roi_size:
-                scores = model(batch)
+                scores = predictor(batch)
             else:
-                scores = sliding_window_inference(batch, roi_size, batch_size, model,
+                scores = sliding_window_inference(batch, roi_size, batch_size, predictor,
                                                   overlap=SLIDING_WINDOW_OVERLAP)
         outputs.append(scores.float().cpu())
     return torch.cat(outputs)
@@ -123,7 +132,7 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
 
 def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.device, autocast: Autocast,
              class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
-             postprocess: bool = False, place: Place = Place()) -> dict:
+             postprocess: bool = False, mirror: bool = False, place: Place = Place()) -> dict:
     """Predict every case and measure it on its own voxel grid.
 
     Under DDP each process measures every world_size-th case, and the per-case results are
@@ -137,7 +146,7 @@ def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.devi
     mine = cases.subset(cases.ids[place.rank::place.world_size]) if place.distributed else cases
     rows, predictions, loss_sum = [], [], 0.0
     if len(mine):
-        logits = predict_logits(model, mine.images, batch_size, device, autocast)
+        logits = predict_logits(model, mine.images, batch_size, device, autocast, mirror=mirror)
         if loss_fn is not None:
             loss_sum = sum(loss_fn(logits[i:i + batch_size], mine.labels[i:i + batch_size].long()).item()
                            * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size))

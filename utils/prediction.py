@@ -70,11 +70,11 @@ def read_volume(path: Path, in_channels: int) -> tio.ScalarImage:
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Preprocessing,
                    device: torch.device, autocast: Autocast, num_classes: int,
-                   postprocess: bool = False) -> torch.Tensor:
+                   postprocess: bool = False, mirror: bool = False) -> torch.Tensor:
     """Label map (1, X, Y, Z) uint8 on the grid of `image` as it was read."""
     subject = preprocessing.transform(pad_only=True)(tio.Subject(image=image))
     logits = predict_logits(model, subject.image.data[None].float(), 1, device, autocast,
-                            roi_size=preprocessing.target_shape)
+                            roi_size=preprocessing.target_shape, mirror=mirror)
     label = label_map(logits[0])
     if postprocess:
         label = keep_largest_component(label, num_classes)
@@ -86,7 +86,7 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
 
 def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,
                   device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
-                  postprocess: bool = False) -> list[tuple[Path, str]]:
+                  postprocess: bool = False, mirror: bool = False) -> list[tuple[Path, str]]:
     """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures."""
     files = input_files(path)
     out_dir = writable_folder(out_dir)
@@ -99,7 +99,7 @@ def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, prepr
             failures.append((file, str(reason)))
             tqdm.write(f"skipped {file}: {reason}")
             continue
-        label = predict_volume(model, image, preprocessing, device, autocast, num_classes, postprocess)
+        label = predict_volume(model, image, preprocessing, device, autocast, num_classes, postprocess, mirror)
         affine = nib.load(file).affine   # the file's own affine, exactly
         nib.save(nib.Nifti1Image(label[0].numpy().astype(np.uint8), affine), out_dir / file.name)
     seconds = time.perf_counter() - started

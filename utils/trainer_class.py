@@ -133,7 +133,7 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.network, self.val_cases, self.config.batch_size, self.device, self.autocast,
-                        self.class_names, loss_fn=self.loss_fn, place=self.place)
+                        self.class_names, loss_fn=self.loss_fn, mirror=self.config.tta, place=self.place)
 
     # ------------------------------------------------------------ the whole run
 
