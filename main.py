@@ -148,7 +148,7 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
     autocast = autocast_for(device, config.mixed_precision)
     rows, summary_rows = [], []
     for postprocessed in (False, True):
-        result = evaluate(model, cases, config.batch_size, device, autocast, info.foreground_names,
+        result = evaluate(model, cases, device, autocast, info.foreground_names,
                           distances=True, postprocess=postprocessed, mirror=config.tta)
         rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
         summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
@@ -173,7 +173,8 @@ def predict(config: Config) -> int:
     device = choose_device(config.device)
     model, state, _ = trained_model(config, device)
     failures = predict_files(model, config.predict, config.predictions_dir,
-                             Preprocessing.from_dict(state["preprocessing"]), device,
+                             Preprocessing.from_dict(state["preprocessing"]),
+                             downsampling_factor(state["model_config"]), device,
                              autocast_for(device, config.mixed_precision),
                              state["model_config"]["in_channels"], state["model_config"]["out_channels"],
                              postprocess=config.postprocess, mirror=config.tta)

@@ -66,7 +66,7 @@ def test_every_option_has_help_with_its_default():
     for action in build_parser()._actions:
         if action.dest != "help":
             assert action.help, action.dest
-    assert "(default: 16)" in build_parser().format_help()
+    assert "(default: 0.01)" in build_parser().format_help()            # -lr
 
 
 def test_config_from_dict_goes_through_the_same_checks():

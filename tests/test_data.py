@@ -5,10 +5,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torchio as tio
 
 from conftest import write_task
-from utils.data_class import (BatchAugmentation, EvenSampler, load_cases, load_pair, read_task, shape_for,
-                              split_cases, train_loader)
+from utils.data_class import (BatchAugmentation, EvenSampler, load_cases, load_pair, prediction_window, read_task,
+                              shape_for, split_cases, train_loader)
 from utils.errors import DataError
 
 
@@ -241,3 +242,34 @@ def test_random_crops_cover_the_whole_volume():
     out, _ = quiet(patch_size=(4, 1, 1)).augment(images, labels)
     starts = Counter(out[:, 0, 0, 0, 0].long().tolist())
     assert sorted(starts) == [0, 1, 2, 3, 4, 5, 6] and min(starts.values()) > 10
+
+
+@pytest.mark.parametrize("native, target, divisor", [((35, 50, 36), (48, 64, 48), 8), ((43, 59, 47), (48, 64, 48), 8),
+                                                      ((9, 11, 8), (12, 16, 12), 2), ((31, 40, 24), (48, 64, 48), 16)])
+def test_prediction_window_holds_the_case_in_the_fewest_multiples_of_the_divisor(native, target, divisor):
+    window = prediction_window(native, target, divisor)
+    sizes = [w.stop - w.start for w in window]
+    assert sizes == [min(t, -(-n // divisor) * divisor) for n, t in zip(native, target)]
+    assert all(0 <= w.start and w.stop <= t for w, t in zip(window, target))
+    # TorchIO's own inverse of the padding maps the window onto every voxel of the case's grid.
+    case = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, *native)))
+    padded = tio.CropOrPad(target)(case)
+    inside = torch.zeros(1, *target)
+    inside[(slice(None), *window)] = 1
+    padded.image.set_data(inside)
+    assert padded.apply_inverse_transform(warn=False).image.data.min() == 1
+
+
+def test_cases_carry_their_prediction_windows_through_subsets(task_dir):
+    cases, preprocessing = load_cases(read_task(task_dir), divisor=4, progress=False)
+    assert len(cases.windows) == len(cases)
+    for window, label in zip(cases.windows, cases.native_labels):
+        assert [(w.stop - w.start) % 4 for w in window] == [0, 0, 0]
+        assert all(w.stop - w.start >= side for w, side in zip(window, label.shape[1:]))
+    some = cases.subset(cases.ids[3:1:-1])
+    assert some.windows == [cases.windows[3], cases.windows[2]]
+
+
+def test_prediction_window_of_a_cropped_case_is_the_whole_side():
+    # A case larger than the target (data newer than a checkpoint's preprocessing) was cropped.
+    assert prediction_window((50, 40, 30), (48, 64, 48), 8) == (slice(0, 48), slice(12, 52), slice(8, 40))

@@ -70,8 +70,8 @@ def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
     model = build_model(state["model_config"])
     model.load_state_dict(state["model"])
     cases, _ = load_cases(read_task(task), 2, progress=False)
-    result = evaluate(model, cases.subset(state["split"]["val"]), 2, torch.device("cpu"),
-                      autocast_for(torch.device("cpu"), False), ["Anterior", "Posterior"])
+    result = evaluate(model, cases.subset(state["split"]["val"]), torch.device("cpu"),
+                      autocast_for(torch.device("cpu"), False), ["Anterior", "Posterior"], mirror=True)
     assert float(rows[-1]["dice_Anterior"]) == pytest.approx(result["dice"][0].item(), abs=1e-6)
     assert float(rows[-1]["dice_Posterior"]) == pytest.approx(result["dice"][1].item(), abs=1e-6)
     assert len(state["rng"]["processes"]) == 2

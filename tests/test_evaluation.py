@@ -79,8 +79,8 @@ def test_mirrored_prediction_is_left_right_equivariant(shape):
     model = torch.nn.Conv3d(1, 3, 3, padding=1)               # not symmetric: its kernel is random
     images = torch.randn(2, 1, *shape)
     no_autocast = lambda: contextlib.nullcontext()
-    predict = lambda x, mirror: predict_logits(model, x, 2, torch.device("cpu"), no_autocast,
-                                               roi_size=(6, 8, 6), mirror=mirror)
+    predict = lambda x, mirror: torch.cat([predict_logits(model, one[None], torch.device("cpu"), no_autocast,
+                                                          roi_size=(6, 8, 6), mirror=mirror) for one in x])
     plain, mirrored_scores = predict(images, False), predict(images, True)
     assert mirrored_scores.shape == plain.shape == (2, 3, *shape)
     assert not torch.allclose(mirrored_scores, plain)

@@ -54,29 +54,24 @@ def mirrored(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                   autocast: Autocast, roi_size: Sequence[int] | None = None,
-                   mirror: bool = False) -> torch.Tensor:
-    """Class scores (N, K, D, H, W), float32 on the CPU, for preprocessed images (N, C, D, H, W).
+def predict_logits(model: nn.Module, image: torch.Tensor, device: torch.device, autocast: Autocast,
+                   roi_size: Sequence[int] | None = None, mirror: bool = False) -> torch.Tensor:
+    """Class scores (1, K, D, H, W), float32 on the CPU, for a preprocessed image (1, C, D, H, W)
+    whose sides are multiples of the U-Net's downsampling factor.
 
-    Images larger than `roi_size` (the training shape) are predicted window by window with
-    MONAI's sliding-window inference; images of the training shape in one pass. With `mirror`,
-    scores are averaged with those of the mirror images (twice the work).
+    An image that fits in `roi_size` (the training shape) is predicted in one pass; a larger one
+    window by window with MONAI's sliding-window inference. With `mirror`, scores are averaged
+    with those of the mirror image (twice the work).
     """
     model.eval()
     predictor = mirrored(model) if mirror else model
-    roi_size = tuple(roi_size or images.shape[2:])
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
-        with autocast():
-            if tuple(batch.shape[2:]) == roi_size:
-                scores = predictor(batch)
-            else:
-                scores = sliding_window_inference(batch, roi_size, batch_size, predictor,
-                                                  overlap=SLIDING_WINDOW_OVERLAP)
-        outputs.append(scores.float().cpu())
-    return torch.cat(outputs)
+    image = image.to(device)
+    with autocast():
+        if roi_size is None or all(side <= roi for side, roi in zip(image.shape[2:], roi_size)):
+            scores = predictor(image)
+        else:
+            scores = sliding_window_inference(image, roi_size, 1, predictor, overlap=SLIDING_WINDOW_OVERLAP)
+    return scores.float().cpu()
 
 
 def label_map(scores: torch.Tensor) -> torch.Tensor:
@@ -130,34 +125,35 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
     return summary
 
 
-def evaluate(model: nn.Module, cases: Cases, batch_size: int, device: torch.device, autocast: Autocast,
+def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Autocast,
              class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
              postprocess: bool = False, mirror: bool = False, place: Place = Place()) -> dict:
-    """Predict every case and measure it on its own voxel grid.
+    """Predict every case (the window of its padded volume that holds it) and measure it on its
+    own voxel grid.
 
     Under DDP each process measures every world_size-th case, and the per-case results are
     gathered, so every process returns the figures of a single-process evaluation.
 
-    Returns {'loss': mean loss on the padded tensors (or None), 'rows': one dict per case,
+    Returns {'loss': mean loss over the cases' windows (or None), 'rows': one dict per case,
     'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)},
     'predictions': label maps (1, X, Y, Z) on their own grids of this process's cases,
     'prediction_ids': those cases' ids}.
     """
     mine = cases.subset(cases.ids[place.rank::place.world_size]) if place.distributed else cases
     rows, predictions, loss_sum = [], [], 0.0
-    if len(mine):
-        logits = predict_logits(model, mine.images, batch_size, device, autocast, mirror=mirror)
+    measure = CaseMetrics(class_names, distances)
+    for index in range(len(mine)):
+        window = (slice(None), *mine.windows[index])                      # (C, D, H, W) indices
+        scores = predict_logits(model, mine.images[index][window][None], device, autocast, mirror=mirror)
         if loss_fn is not None:
-            loss_sum = sum(loss_fn(logits[i:i + batch_size], mine.labels[i:i + batch_size].long()).item()
-                           * len(logits[i:i + batch_size]) for i in range(0, len(logits), batch_size))
-        measure = CaseMetrics(class_names, distances)
-        for index, scores in enumerate(logits):
-            prediction = mine.uncrop[index](label_map(scores))
-            if postprocess:
-                prediction = keep_largest_component(prediction, len(class_names) + 1)
-            predictions.append(prediction)
-            rows.append({"case": mine.ids[index],
-                         **measure(prediction, mine.native_labels[index], mine.spacings[index])})
+            loss_sum += loss_fn(scores, mine.labels[index][window][None].long()).item()
+        padded = torch.zeros_like(mine.labels[index])                     # background outside the window
+        padded[window] = label_map(scores[0])
+        prediction = mine.uncrop[index](padded)
+        if postprocess:
+            prediction = keep_largest_component(prediction, len(class_names) + 1)
+        predictions.append(prediction)
+        rows.append({"case": mine.ids[index], **measure(prediction, mine.native_labels[index], mine.spacings[index])})
     parts = gather((rows, loss_sum), place)
     order = {case: i for i, case in enumerate(cases.ids)}
     rows = sorted((row for part_rows, _ in parts for row in part_rows), key=lambda row: order[row["case"]])

@@ -68,12 +68,13 @@ def read_volume(path: Path, in_channels: int) -> tio.ScalarImage:
 
 
 @torch.no_grad()
-def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Preprocessing,
+def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Preprocessing, divisor: int,
                    device: torch.device, autocast: Autocast, num_classes: int,
                    postprocess: bool = False, mirror: bool = False) -> torch.Tensor:
-    """Label map (1, X, Y, Z) uint8 on the grid of `image` as it was read."""
-    subject = preprocessing.transform(pad_only=True)(tio.Subject(image=image))
-    logits = predict_logits(model, subject.image.data[None].float(), 1, device, autocast,
+    """Label map (1, X, Y, Z) uint8 on the grid of `image` as it was read. `divisor`: the U-Net's
+    downsampling factor, to which the image is padded."""
+    subject = preprocessing.transform(divisor)(tio.Subject(image=image))
+    logits = predict_logits(model, subject.image.data[None].float(), device, autocast,
                             roi_size=preprocessing.target_shape, mirror=mirror)
     label = label_map(logits[0])
     if postprocess:
@@ -85,7 +86,7 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
 
 
 def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,
-                  device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
+                  divisor: int, device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
                   postprocess: bool = False, mirror: bool = False) -> list[tuple[Path, str]]:
     """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures."""
     files = input_files(path)
@@ -99,7 +100,8 @@ def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, prepr
             failures.append((file, str(reason)))
             tqdm.write(f"skipped {file}: {reason}")
             continue
-        label = predict_volume(model, image, preprocessing, device, autocast, num_classes, postprocess, mirror)
+        label = predict_volume(model, image, preprocessing, divisor, device, autocast, num_classes,
+                               postprocess, mirror)
         affine = nib.load(file).affine   # the file's own affine, exactly
         nib.save(nib.Nifti1Image(label[0].numpy().astype(np.uint8), affine), out_dir / file.name)
     seconds = time.perf_counter() - started

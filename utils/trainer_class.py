@@ -132,7 +132,7 @@ class Trainer:
         return total.item() / max(count, 1)
 
     def validate(self) -> dict:
-        return evaluate(self.network, self.val_cases, self.config.batch_size, self.device, self.autocast,
+        return evaluate(self.network, self.val_cases, self.device, self.autocast,
                         self.class_names, loss_fn=self.loss_fn, mirror=self.config.tta, place=self.place)
 
     # ------------------------------------------------------------ the whole run
