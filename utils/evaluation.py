@@ -49,8 +49,12 @@ def autocast_for(device: torch.device, enabled: bool) -> Autocast:
 
 def mirrored(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Test-time mirroring (as nnU-Net): the mean of the model's scores for a batch and, flipped
-    back, for its left-right mirror image, the one flip used in training."""
-    return lambda x: (model(x) + model(x.flip(LEFT_RIGHT)).flip(LEFT_RIGHT)) / 2
+    back, for its left-right mirror image, the one flip used in training. Both go through the
+    model as one batch, which is faster on a CPU than two calls."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        plain, flipped = model(torch.cat([x, x.flip(LEFT_RIGHT)])).chunk(2)
+        return (plain + flipped.flip(LEFT_RIGHT)) / 2
+    return predict
 
 
 @torch.no_grad()
