@@ -1,8 +1,8 @@
 """Inference and metrics, shared by validation during training, -evaluate and -predict.
 
-Metrics are computed on each case's own voxel grid: predictions on the padded training shape
-are cropped back (TorchIO's inverse of CropOrPad) before they meet the original label, and
-distances are in mm, from the case's voxel spacing.
+Each case is predicted on the window of its padded volume that holds it (`Cases.windows`), and
+metrics are computed on its own voxel grid: the prediction is cropped back (TorchIO's inverse of
+CropOrPad) before it meets the original label, and distances are in mm, from the voxel spacing.
 """
 from __future__ import annotations
 
