@@ -261,7 +261,7 @@ def test_prediction_window_holds_the_case_in_the_fewest_multiples_of_the_divisor
 
 
 def test_cases_carry_their_prediction_windows_through_subsets(task_dir):
-    cases, preprocessing = load_cases(read_task(task_dir), divisor=4, progress=False)
+    cases, _ = load_cases(read_task(task_dir), divisor=4, progress=False)
     assert len(cases.windows) == len(cases)
     for window, label in zip(cases.windows, cases.native_labels):
         assert [(w.stop - w.start) % 4 for w in window] == [0, 0, 0]
