@@ -5,9 +5,11 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import main as entry
 from conftest import TINY, synthetic_case, write_task
+from utils.evaluation import CaseMetrics
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,22 @@ def test_a_run_repeats_from_its_config_json(trained, tmp_path):
                        "-epochs", "2"]) == 0
     first = list(csv.DictReader(open(checkpoint.parent / "metrics.csv")))[:1]
     assert list(csv.DictReader(open(repeat / "metrics.csv")))[:1][0]["train_loss"] == first[0]["train_loss"]
+
+
+def test_predict_segments_a_validation_case_exactly_as_validation_does(trained, tmp_path):
+    task, checkpoint = trained
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task)]) == 0
+    rows = [r for r in csv.DictReader(open(checkpoint.parent / "evaluation_val.csv")) if r["postprocessed"] == "False"]
+    files = [task / "imagesTr" / f"{row['case']}.nii.gz" for row in rows]
+    (tmp_path / "in").mkdir()
+    for file in files:
+        os.symlink(file, tmp_path / "in" / file.name)
+    assert entry.main(["-predict", str(tmp_path / "in"), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(tmp_path / "out")]) == 0
+    measure = CaseMetrics(["Anterior", "Posterior"], distances=False)
+    for row, file in zip(rows, files):
+        predicted = torch.as_tensor(np.asarray(nib.load(tmp_path / "out" / file.name).dataobj))[None]
+        truth = torch.as_tensor(np.asarray(nib.load(task / "labelsTr" / file.name).dataobj))[None]
+        dice = measure(predicted, truth, (1.0, 1.0, 1.0))
+        assert dice["dice_Anterior"] == pytest.approx(float(row["dice_Anterior"]), abs=1e-6)
+        assert dice["dice_Posterior"] == pytest.approx(float(row["dice_Posterior"]), abs=1e-6)

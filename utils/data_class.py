@@ -117,9 +117,11 @@ def prediction_window(native_shape: Sequence[int], target_shape: Sequence[int],
     """
     window = []
     for native, target in zip(native_shape, target_shape):
-        first = max(0, math.ceil((target - native) / 2))      # CropOrPad pads ceil(difference / 2) first
+        # CropOrPad pads ceil(difference / 2) voxels first, in the training volume as in
+        # -predict's EnsureShapeMultiple, so a case sits in its window as in a predicted scan.
+        first = max(0, math.ceil((target - native) / 2))
         size = min(target, math.ceil(native / divisor) * divisor)
-        start = min(max(0, first - (size - min(native, target)) // 2), target - size)
+        start = min(max(0, first - math.ceil((size - min(native, target)) / 2)), target - size)
         window.append(slice(start, start + size))
     return tuple(window)
 
