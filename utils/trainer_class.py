@@ -25,6 +25,7 @@ from utils.plots import mid_slices, plot_curves, plot_predictions, write_progres
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
 POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
+CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (0.3 s a drawing) and at the end
 
 
 def make_loss() -> nn.Module:
@@ -71,6 +72,7 @@ class Trainer:
                                                               # case's prediction, after each epoch
         self.minutes_before = 0.0                       # training time of earlier sessions (-resume)
         self.started = time.monotonic()
+        self.curves_drawn = -math.inf                   # when curves.png was last drawn (monotonic s)
         # Poly decay of the learning rate to 0 over the run (nnU-Net's schedule).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.poly_factor)
 
@@ -172,6 +174,7 @@ class Trainer:
                 self.say(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
                 break
         if predictions is not None and self.place.is_main:
+            self.draw_curves()
             self.draw_pictures(predictions)
 
     def say(self, text: str) -> None:
@@ -206,7 +209,13 @@ class Trainer:
                    f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
                    f"  ({self.minutes_trained():.1f} min)" + ("  *best*" if improved else ""))
         self.write_metrics_csv()
+        # With 10-second epochs, drawing every epoch would cost 3 % of the training time.
+        if time.monotonic() - self.curves_drawn >= CURVES_EVERY_SECONDS:
+            self.draw_curves()
+
+    def draw_curves(self) -> None:
         plot_curves(self.history, self.class_names, self.run_dir / "curves.png")
+        self.curves_drawn = time.monotonic()
 
     def write_metrics_csv(self) -> None:
         # Rewritten whole from the history every epoch, so after -resume it holds exactly the
