@@ -25,7 +25,7 @@ from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
 from utils.prediction import predict_files
-from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer
+from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 
 def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
@@ -101,7 +101,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     if config.mixed_precision and amp_dtype(device) is None:
         say("Note: this CPU has no native bf16 (it needs AVX-512), so -mixed_precision is off and "
             "training runs in fp32, about 10x faster here than emulated bf16.")
-    model.to(device)
+    model.to(device, memory_format=memory_format(config))
     optimizer = make_optimizer(model, config)
     model = wrap(model, place)           # DDP under torchrun, the network itself otherwise
 

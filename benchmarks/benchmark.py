@@ -80,7 +80,7 @@ def project_trainer(config, Nit: int):
     from utils.data_class import load_cases, read_task, split_cases, train_loader
     from utils.environment import seed_everything
     from utils.model import build_model, downsampling_factor, model_config
-    from utils.trainer_class import Trainer, make_loss, make_optimizer
+    from utils.trainer_class import Trainer, make_loss, make_optimizer, memory_format
 
     seed_everything(config.random_seed)
     info = read_task(config.data_dir)
@@ -89,7 +89,7 @@ def project_trainer(config, Nit: int):
     split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
     loader = train_loader(cases.subset(split["train"]), config.batch_size, Nit, config.augment,
                           config.num_workers, config.random_seed, config.patch_size)
-    model = build_model(architecture)
+    model = build_model(architecture).to(memory_format=memory_format(config))
     optimizer = make_optimizer(model, config)
     return Trainer(model, make_loss(), optimizer, loader, cases.subset(split["val"]), config,
                    "/tmp", torch.device("cpu"), info.foreground_names, {})
@@ -150,7 +150,8 @@ def main() -> None:
     low_precision = amp_dtype(choose_device(config.device)) if config.mixed_precision else None
     print(f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}, "
           f"patch {config.patch_size}, (b) and (c) in {low_precision or torch.float32}, "
-          f"num_workers {config.num_workers}, {known.iterations} timed iterations")
+          f"channels_last {config.channels_last}, num_workers {config.num_workers}, "
+          f"{known.iterations} timed iterations")
     print(f"ratio_vs_reference {b / a:.2f} ratio_vs_bound {b / c:.2f}")
 
 

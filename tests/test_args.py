@@ -19,6 +19,7 @@ def test_defaults_are_the_documented_ones():
     assert (c.data_dir, c.device, c.num_workers, c.resume) == ("data", "auto", 0, False)
     # Chosen by the 10-minute experiments of benchmarks/README.md:
     assert (c.channels, c.num_res_units, c.patch_size, c.tta) == ([16, 32, 64, 128], 1, [40, 56, 40], True)
+    assert c.channels_last
 
 
 @pytest.mark.parametrize("word, expected", [("True", True), ("false", False), ("YES", True), ("no", False),

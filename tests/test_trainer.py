@@ -8,7 +8,7 @@ from utils.args import config_from_dict
 from utils.checkpoint import load_checkpoint
 from utils.data_class import load_cases, read_task, split_cases, train_loader
 from utils.model import build_model, model_config
-from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer
+from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 
 def make_trainer(task_dir, run_dir, **options) -> Trainer:
@@ -45,6 +45,23 @@ def test_cpu_mixed_precision_is_bf16_without_a_scaler_where_the_cpu_has_it(task_
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=False)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
     assert logits.dtype == torch.float32
+
+
+def test_channels_last_layout_trains_the_same_numbers(task_dir, tmp_path):
+    steps = {}
+    for channels_last in (False, True):
+        trainer = make_trainer(task_dir, tmp_path / "run", channels_last=channels_last)
+        trainer.network.to(memory_format=memory_format(trainer.config))   # as main.py does
+        weights = [p for p in trainer.network.parameters() if p.ndim == 5]
+        assert all(w.is_contiguous(memory_format=memory_format(trainer.config)) for w in weights)
+        assert channels_last == all(not w.is_contiguous() for w in weights if w.shape[1] > 1)
+        loss, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
+        trainer.backward_pass(loss)
+        steps[channels_last] = loss.item(), logits.detach(), [w.detach().clone() for w in weights]
+    (loss_a, logits_a, after_a), (loss_b, logits_b, after_b) = steps[False], steps[True]
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert torch.allclose(logits_a, logits_b, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(after_a, after_b))
 
 
 def test_backward_pass_steps_and_zeroes_gradients(task_dir, tmp_path):
