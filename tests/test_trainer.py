@@ -1,10 +1,11 @@
 import csv
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from utils.args import config_from_dict
+from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, config_from_dict
 from utils.checkpoint import load_checkpoint
 from utils.data_class import load_cases, read_task, split_cases, train_loader
 from utils.model import build_model, model_config
@@ -112,6 +113,17 @@ def test_curves_are_redrawn_at_most_every_interval_and_after_the_last_epoch(task
     monkeypatch.setattr("utils.trainer_class.CURVES_EVERY_SECONDS", 0)
     make_trainer(task_dir, tmp_path / "run2", epochs=3).training_loop()
     assert drawn == [1, 2, 3, 3]
+
+
+def test_epoch_lines_give_the_number_of_epochs_only_when_epochs_end_the_run(task_dir, tmp_path, capsys):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=1)
+    trainer.training_loop()
+    assert capsys.readouterr().out.startswith("epoch   1/1  train loss")
+    trainer = make_trainer(task_dir, tmp_path / "run2", max_minutes=1e-6)   # stops after one epoch
+    trainer.config = dataclasses.replace(trainer.config, epochs=EPOCHS_UNDER_A_TIME_LIMIT)   # as parse_args sets it
+    trainer.training_loop()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("epoch   1  train loss") and str(EPOCHS_UNDER_A_TIME_LIMIT) not in "".join(lines)
 
 
 def test_epoch_losses_are_means_over_the_epoch(task_dir, tmp_path):

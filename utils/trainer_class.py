@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.args import Config
+from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
 from utils.distributed import Place, any_process, gather, unwrap
@@ -123,7 +123,7 @@ class Trainer:
         """Train for one epoch (Nit iterations) and return the mean training loss."""
         self.model.train()
         total, count = torch.zeros((), device=self.device), 0
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
+        bar = tqdm(self.train_loader, desc=self.epoch_name(self.epoch + 1), leave=False,
                    disable=not self.place.is_main)
         for iteration, batch in enumerate(bar, start=1):
             loss, _ = self.forward_pass(batch)
@@ -212,7 +212,7 @@ class Trainer:
         if not self.place.is_main:
             return
         dice_text = " ".join(f"{name} {row[f'dice_{name}']:.4f}" for name in self.class_names)
-        self.say(f"epoch {self.epoch:3d}/{self.config.epochs}  train loss {row['train_loss']:.4f}  "
+        self.say(f"{self.epoch_name(self.epoch)}  train loss {row['train_loss']:.4f}  "
                    f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
                    f"  ({self.minutes_trained():.1f} min)" + ("  *best*" if improved else ""))
         self.write_metrics_csv()
@@ -223,6 +223,12 @@ class Trainer:
     def draw_curves(self) -> None:
         plot_curves(self.history, self.class_names, self.run_dir / "curves.png")
         self.curves_drawn = time.monotonic()
+
+    def epoch_name(self, number: int) -> str:
+        """'epoch  12/100', or 'epoch  12' when the time budget, not -epochs, ends the run."""
+        if self.config.epochs == EPOCHS_UNDER_A_TIME_LIMIT:
+            return f"epoch {number:3d}"
+        return f"epoch {number:3d}/{self.config.epochs}"
 
     def write_metrics_csv(self) -> None:
         # Rewritten whole from the history every epoch, so after -resume it holds exactly the
