@@ -8,10 +8,10 @@
 (c) the compute bound: forward_pass + backward_pass on one fixed batch.
 
 Each part runs in its own process so that its peak memory (RSS) is its own. The parts take turns
-for `--rounds` rounds (a, b, c, a, b, c, ...) and each reports its fastest round: on a shared,
-noisy machine the same part measured anywhere from 3.4 to 3.8 it/s a minute apart, and the fastest
-round is the one least disturbed. The last line is `ratio_vs_reference X ratio_vs_bound Y` (b/a
-and b/c). Other options of main.py (e.g.
+for `--rounds` rounds (a, b, c, a, b, c, ...): on a shared, noisy machine the same part measured
+from 8 to 12 it/s a few minutes apart, so each ratio is taken within a round, between parts run
+one after the other, and the median over the rounds is reported. The last line is
+`ratio_vs_reference X ratio_vs_bound Y` (b/a and b/c). Other options of main.py (e.g.
 -num_workers, -channels, -mixed_precision) change (b) and (c).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), help="run one part (used internally)")
     parser.add_argument("--iterations", type=int, default=100, help="timed iterations per part (default: 100)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default: 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of each part; its fastest counts (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each part; the ratios are medians over them (default: 3)")
     known, main_options = parser.parse_known_args()
 
     from utils.args import parse_args
@@ -153,15 +154,17 @@ def main() -> None:
             rates[part].append(result["it_per_s"])
             memory[part] = max(memory[part], result["peak_rss_mb"])
     for part, (title, _) in PARTS.items():
-        print(f"({part}) {title}: {max(rates[part]):.2f} it/s (rounds: "
+        print(f"({part}) {title}: {statistics.median(rates[part]):.2f} it/s (rounds: "
               f"{', '.join(f'{r:.2f}' for r in rates[part])}), peak RSS {memory[part]:.0f} MB", flush=True)
-    a, b, c = (max(rates[p]) for p in "abc")
+    a, b, c = (rates[p] for p in "abc")
+    vs_reference = statistics.median(b_ / a_ for a_, b_ in zip(a, b))
+    vs_bound = statistics.median(b_ / c_ for b_, c_ in zip(b, c))
     low_precision = amp_dtype(choose_device(config.device)) if config.mixed_precision else None
     print(f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}, "
           f"patch {config.patch_size}, (b) and (c) in {low_precision or torch.float32}, "
           f"channels_last {config.channels_last}, num_workers {config.num_workers}, "
-          f"{known.iterations} timed iterations, best of {known.rounds} rounds")
-    print(f"ratio_vs_reference {b / a:.2f} ratio_vs_bound {b / c:.2f}")
+          f"{known.iterations} timed iterations, medians of {known.rounds} rounds")
+    print(f"ratio_vs_reference {vs_reference:.2f} ratio_vs_bound {vs_bound:.2f}")
 
 
 if __name__ == "__main__":
