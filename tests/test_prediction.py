@@ -156,3 +156,15 @@ def test_predict_segments_a_validation_case_exactly_as_validation_does(trained, 
         dice = measure(predicted, truth, (1.0, 1.0, 1.0))
         assert dice["dice_Anterior"] == pytest.approx(float(row["dice_Anterior"]), abs=1e-6)
         assert dice["dice_Posterior"] == pytest.approx(float(row["dice_Posterior"]), abs=1e-6)
+
+
+def test_read_volume_gives_channels_first_data_and_the_files_affine(tmp_path):
+    from utils.prediction import read_volume
+    data = np.random.default_rng(0).integers(0, 255, (11, 17, 9)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(data, ODD_AFFINE), tmp_path / "plain.nii.gz")
+    nib.save(nib.Nifti1Image(data[..., None], ODD_AFFINE), tmp_path / "one_channel.nii.gz")
+    for name in ("plain.nii.gz", "one_channel.nii.gz"):
+        image = read_volume(tmp_path / name, in_channels=1)
+        assert image.data.shape == (1, 11, 17, 9) and image.data.dtype == torch.float32
+        assert torch.equal(image.data[0], torch.from_numpy(data.astype(np.float32)))
+        assert np.array_equal(image.affine, nib.load(tmp_path / name).affine)   # as stored, exactly
