@@ -1,5 +1,4 @@
 import json
-from collections import Counter
 
 import nibabel as nib
 import numpy as np
@@ -8,8 +7,7 @@ import torch
 import torchio as tio
 
 from conftest import write_task
-from utils.data_class import (BatchAugmentation, EvenSampler, load_cases, load_pair, prediction_window, read_task,
-                              shape_for, split_cases, train_loader)
+from utils.data_class import load_cases, load_pair, prediction_window, read_task, shape_for, split_cases, train_loader
 from utils.errors import DataError
 
 
@@ -127,48 +125,6 @@ def test_split_refuses_more_validation_than_training_cases():
         split_cases([str(i) for i in range(10)], 0.3, seed=0)
 
 
-def epoch_counts(sampler: EvenSampler, epochs: int) -> list[Counter]:
-    return [Counter(iter(sampler)) for _ in range(epochs)]
-
-
-@pytest.mark.parametrize("n, samples", [(10, 4), (10, 6), (10, 25), (7, 16), (10, 10), (5, 3)])
-def test_sampler_epochs_are_exact_and_even(n, samples):
-    sampler = EvenSampler(n, samples, seed=0)
-    assert len(sampler) == samples
-    total = Counter()
-    for counts in epoch_counts(sampler, 30):
-        assert sum(counts.values()) == samples
-        per_case = [counts.get(i, 0) for i in range(n)]
-        assert max(per_case) - min(per_case) <= 1       # even coverage within the epoch
-        total.update(counts)
-    # Carried-over permutations: over many epochs no case is starved or favoured.
-    assert max(total.values()) - min(total.get(i, 0) for i in range(n)) <= 1
-
-
-def test_sampler_carries_permutations_over_epochs():
-    # 10 cases, 4 per epoch: the first 5 epochs must cover all cases twice (5 * 4 = 2 * 10),
-    # which restarting a shuffled loader every epoch cannot guarantee.
-    sampler = EvenSampler(10, 4, seed=3)
-    counts = sum(epoch_counts(sampler, 5), Counter())
-    assert sorted(counts.values()) == [2] * 10
-
-
-def test_sampler_is_equiprobable():
-    # Each case is equally likely to be in a given epoch: first-epoch frequency over many seeds.
-    hits = Counter()
-    for seed in range(600):
-        hits.update(iter(EvenSampler(6, 2, seed)))
-    assert all(abs(hits[i] / 600 - 2 / 6) < 0.07 for i in range(6))
-
-
-def test_sampler_state_round_trip():
-    a = EvenSampler(9, 5, seed=0)
-    list(a), list(a)
-    b = EvenSampler(9, 5, seed=99)
-    b.load_state_dict(a.state_dict())
-    assert [list(a) for _ in range(4)] == [list(b) for _ in range(4)]
-
-
 @pytest.mark.parametrize("Nit, batch_size", [(3, 2), (5, 4)])
 def test_loader_gives_exactly_Nit_batches(task_dir, Nit, batch_size):
     cases, _ = load_cases(read_task(task_dir), divisor=4, progress=False)
@@ -188,60 +144,6 @@ def test_loader_without_Nit_is_one_pass(task_dir):
     assert len(loader) == 3 and len(images) == 8
     # Without augmentation each case appears exactly once.
     assert len({round(im.abs().sum().item(), 3) for im in images}) == 8
-
-
-def quiet(**changes) -> BatchAugmentation:
-    """An augmentation that does nothing except what `changes` switch on."""
-    return BatchAugmentation(**{"flip_probability": 0, "affine_probability": 0, "brightness_probability": 0,
-                                "noise_probability": 0, **changes})
-
-
-def blob_batch(n=4, shape=(12, 16, 12)):
-    labels = torch.zeros(n, 1, *shape, dtype=torch.uint8)
-    labels[:, :, 3:7, 4:9, 3:6] = 1
-    labels[:, :, 7:9, 4:9, 3:6] = 2
-    return labels.float() * 10 + 1, labels
-
-
-def test_augmentation_switched_off_is_the_identity():
-    images, labels = blob_batch()
-    out_images, out_labels = quiet()(list(zip(images, labels)))
-    assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
-
-
-def test_flip_is_left_right_only():
-    images, labels = blob_batch()
-    out_images, out_labels = quiet(flip_probability=1)(list(zip(images, labels)))
-    assert torch.equal(out_images, images.flip(2)) and torch.equal(out_labels, labels.flip(2))
-
-
-def test_affine_without_rotation_or_scaling_is_the_identity():
-    images, labels = blob_batch()
-    out_images, out_labels = quiet(affine_probability=1, degrees=0, scaling=0).augment(images, labels)
-    assert torch.allclose(out_images, images, atol=1e-4) and torch.equal(out_labels, labels)
-
-
-def test_image_and_label_move_together():
-    torch.manual_seed(0)
-    images, labels = blob_batch(n=16)
-    out_images, out_labels = BatchAugmentation(patch_size=(8, 12, 8), affine_probability=1,
-                                               brightness_probability=0, noise_probability=0).augment(images, labels)
-    assert out_images.shape == (16, 1, 8, 12, 8) and out_labels.dtype == torch.uint8
-    assert set(out_labels.unique().tolist()) <= {0, 1, 2}
-    # The image encodes its label (1, 11, 21): after the same geometric transform they still agree
-    # almost everywhere (bilinear and nearest interpolation differ only along edges).
-    agreement = ((out_images - 1) / 10).round().clamp(0, 2).to(torch.uint8) == out_labels
-    assert agreement.float().mean() > 0.95
-    assert not torch.equal(out_labels, labels[:, :, :8, :12, :8])
-
-
-def test_random_crops_cover_the_whole_volume():
-    torch.manual_seed(0)
-    images = torch.arange(10.0).view(1, 1, 10, 1, 1).expand(200, 1, 10, 1, 1).contiguous()
-    labels = torch.zeros(200, 1, 10, 1, 1, dtype=torch.uint8)
-    out, _ = quiet(patch_size=(4, 1, 1)).augment(images, labels)
-    starts = Counter(out[:, 0, 0, 0, 0].long().tolist())
-    assert sorted(starts) == [0, 1, 2, 3, 4, 5, 6] and min(starts.values()) > 10
 
 
 @pytest.mark.parametrize("native, target, divisor", [((35, 50, 36), (48, 64, 48), 8), ((43, 59, 47), (48, 64, 48), 8),

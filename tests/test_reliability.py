@@ -1,5 +1,4 @@
 """Faults (kill -9, Ctrl-C, full disk, NaN loss) and bad input: no lost work, clear messages."""
-import csv
 import errno
 import json
 import os

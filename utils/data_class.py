@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import torchio as tio
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.augmentation import BatchAugmentation
 from utils.errors import DataError
+from utils.sampling import EvenSampler
 
 
 @dataclasses.dataclass
@@ -211,7 +212,7 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
     return cases, preprocessing
 
 
-# ---------------------------------------------------------------- split and sampling
+# ---------------------------------------------------------------- split
 
 
 def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int) -> dict[str, list[str]]:
@@ -227,170 +228,7 @@ def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int) -> dict[s
     return {"train": sorted(ids[i] for i in order[:n_train]), "val": sorted(ids[i] for i in order[n_train:])}
 
 
-class EvenSampler(Sampler[int]):
-    """Yields `samples_per_epoch` indices of range(n) per epoch, every case equally likely.
-
-    Within an epoch each case is drawn q = samples_per_epoch // n times (q shuffled passes), and
-    r = samples_per_epoch % n distinct cases are drawn once more. Those extras come from a queue of
-    random permutations that carries over from epoch to epoch, so every case gets its extra turn
-    before any case gets a second one: no case is starved, and within an epoch no case is drawn
-    more than once more than any other.
-
-    Under DDP every process draws the same global sequence (same seed) and keeps its own slice of
-    each global batch of batch_size * world_size samples, so the processes together follow the
-    rules above, and no two of them draw the same case in the same step (when there are at least
-    as many cases as samples in a global batch).
-    """
-
-    def __init__(self, n: int, samples_per_epoch: int, seed: int, batch_size: int = 1, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.samples_per_epoch = n, samples_per_epoch
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.queue: list[int] = []
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch // self.world_size
-
-    def _permutation(self) -> list[int]:
-        return torch.randperm(self.n, generator=self.generator).tolist()
-
-    def _extras(self, count: int) -> list[int]:
-        """Take `count` distinct cases from the front of the carried-over queue."""
-        chosen: list[int] = []
-        position = 0
-        while len(chosen) < count:
-            if position == len(self.queue):
-                self.queue += self._permutation()
-            case = self.queue[position]
-            if case in chosen:
-                position += 1        # drawn already this epoch: keep its place for the next epoch
-            else:
-                chosen.append(self.queue.pop(position))
-        return chosen
-
-    def epoch_indices(self) -> list[int]:
-        """The whole epoch's global sequence of case indices."""
-        passes, extra = divmod(self.samples_per_epoch, self.n)
-        indices = [i for _ in range(passes) for i in self._permutation()] + self._extras(extra)
-        if self.world_size > 1:
-            spread_repeats(indices, self.batch_size * self.world_size)
-        return indices
-
-    def __iter__(self):
-        # Drawn up front, so the sampler's state after an epoch doesn't depend on loader prefetch.
-        indices = self.epoch_indices()
-        step, start = self.batch_size * self.world_size, self.rank * self.batch_size
-        return iter([i for first in range(0, len(indices), step)
-                     for i in indices[first + start:first + start + self.batch_size]])
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "queue": list(self.queue)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.queue = list(state["queue"])
-
-
-def spread_repeats(indices: list[int], window: int) -> None:
-    """Reorder `indices` in place so that no window of `window` consecutive entries (one global
-    batch) holds a case twice, by swapping each repeat with an entry of another window that can
-    take it. The multiset is kept, so the per-epoch counts don't change."""
-    def window_of(position: int) -> range:
-        first = position - position % window
-        return range(first, min(first + window, len(indices)))
-
-    for first in range(0, len(indices), window):
-        here = window_of(first)
-        for position in here:
-            value = indices[position]
-            if [indices[p] for p in here].count(value) == 1:
-                continue
-            # Later windows first, so the ones already checked stay as they are where possible.
-            for other in [*range(here.stop, len(indices)), *range(0, here.start)]:
-                there = window_of(other)
-                if indices[other] not in [indices[p] for p in here] and value not in [indices[p] for p in there]:
-                    indices[position], indices[other] = indices[other], value
-                    break
-
-
-# ---------------------------------------------------------------- augmentation and loaders
-
-
-LEFT_RIGHT = 2     # the left-right axis of a (B, C, D, H, W) batch in canonical (RAS) orientation
-
-
-@dataclasses.dataclass
-class BatchAugmentation:
-    """Random augmentation drawn for each sample, applied to the whole batch with torch ops.
-
-    Used as the loader's collate_fn. Per sample: a random crop to `patch_size`, a left-right flip,
-    sometimes a small rotation and scaling, a brightness change, and Gaussian noise. Done batch-wide
-    (one grid_sample call, a few tensor ops) because TorchIO's per-sample transforms cost about
-    8 ms a sample here, a third of a training step at batch 16 on a 2-core CPU (benchmarks/).
-    Flips are left-right only: an anterior-posterior flip would swap the meaning of the labels.
-    """
-    patch_size: tuple[int, int, int] | None = None   # None: keep the whole volume
-    flip_probability: float = 0.5
-    affine_probability: float = 0.25
-    degrees: float = 10.0
-    scaling: float = 0.1
-    brightness_probability: float = 0.3
-    brightness: float = 0.25
-    noise_probability: float = 0.3
-    noise_std: float = 0.1
-
-    def __call__(self, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([image for image, _ in samples])
-        labels = torch.stack([label for _, label in samples])
-        return self.augment(images, labels)
-
-    def augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, D, H, W) float, labels (B, 1, D, H, W) uint8 -> augmented copies."""
-        images, labels = self.random_crop(images, labels)
-        n = len(images)
-        # Each step changes only the samples it draws (in place on the cropped copies).
-        flip = torch.nonzero(torch.rand(n) < self.flip_probability).flatten()
-        images[flip], labels[flip] = images[flip].flip(LEFT_RIGHT), labels[flip].flip(LEFT_RIGHT)
-        chosen = torch.nonzero(torch.rand(n) < self.affine_probability).flatten()
-        if len(chosen):
-            grid = F.affine_grid(self.random_affines(len(chosen), images.shape[2:]),
-                                 [len(chosen), 1, *images.shape[2:]], align_corners=False)
-            images[chosen] = F.grid_sample(images[chosen], grid, mode="bilinear", align_corners=False)
-            labels[chosen] = F.grid_sample(labels[chosen].float(), grid, mode="nearest",
-                                           align_corners=False).to(labels.dtype)
-        brighter = torch.nonzero(torch.rand(n) < self.brightness_probability).flatten()
-        factor = torch.empty(len(brighter)).uniform_(1 - self.brightness, 1 + self.brightness)
-        images[brighter] *= factor.view(-1, 1, 1, 1, 1)
-        noisy = torch.nonzero(torch.rand(n) < self.noise_probability).flatten()
-        if len(noisy):
-            images[noisy] += self.noise_std * torch.randn_like(images[noisy])
-        return images, labels
-
-    def random_crop(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.patch_size is None or tuple(self.patch_size) == tuple(images.shape[2:]):
-            return images.clone(), labels.clone()
-        room = [full - patch for full, patch in zip(images.shape[2:], self.patch_size)]
-        corners = [[int(torch.randint(r + 1, ())) for r in room] for _ in range(len(images))]
-        window = lambda c: tuple(slice(start, start + size) for start, size in zip(c, self.patch_size))
-        return (torch.stack([image[(slice(None), *window(c))] for image, c in zip(images, corners)]),
-                torch.stack([label[(slice(None), *window(c))] for label, c in zip(labels, corners)]))
-
-    def random_affines(self, count: int, shape: Sequence[int]) -> torch.Tensor:
-        """(count, 3, 4) affine_grid matrices: rotations about the three axes and an isotropic
-        scaling, in voxel space (the conversion keeps them rigid on non-cubic volumes)."""
-        angles = torch.deg2rad(torch.empty(count, 3).uniform_(-self.degrees, self.degrees))
-        scales = torch.empty(count).uniform_(1 - self.scaling, 1 + self.scaling)
-        cos, sin = angles.cos(), angles.sin()
-        one, zero = torch.ones(count), torch.zeros(count)
-        rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1)
-        ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1)
-        rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1)
-        rotation = rx.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rz.view(-1, 3, 3)
-        # affine_grid works in coordinates normalised to [-1, 1] per axis, ordered (W, H, D).
-        size = torch.tensor([float(s) for s in reversed(shape)])
-        matrix = torch.diag(1 / size) @ (rotation / scales.view(-1, 1, 1)) @ torch.diag(size)
-        return torch.cat([matrix, torch.zeros(count, 3, 1)], dim=2)
+# ---------------------------------------------------------------- loaders
 
 
 class SegmentationDataset(Dataset):

@@ -18,7 +18,8 @@ from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from utils.data_class import LEFT_RIGHT, Cases
+from utils.augmentation import LEFT_RIGHT
+from utils.data_class import Cases
 from utils.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]

@@ -99,7 +99,7 @@ def write_progress_gif(image: torch.Tensor, frames: Sequence, path: str | Path, 
 def plot_augmentations(image: torch.Tensor, label: torch.Tensor, augmentation, count: int = 4) -> Figure:
     """A preprocessed case (first row) and `count` random augmentations of it.
 
-    `augmentation` is a data_class.BatchAugmentation; image (C, D, H, W), label (1, D, H, W).
+    `augmentation` is a augmentation.BatchAugmentation; image (C, D, H, W), label (1, D, H, W).
     """
     images, labels = augmentation.augment(image.expand(count, *image.shape).clone(),
                                           label.expand(count, *label.shape).clone())
