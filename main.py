@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from utils.args import Config, explicit_options, parse_args
+from utils.args import Config, explicit_options, for_device, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
 from utils.download import locate_task
 from utils.distributed import Place, start, stop, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
-from utils.evaluation import amp_dtype, autocast_for, evaluate
+from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
 from utils.prediction import predict_files
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
@@ -46,11 +46,16 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     resume_state = None
     if config.resume:
         config, resume_state = resumed_config(config, argv)
+    config = for_device(config, place.device.type)      # e.g. the batch size, if not given
     run_dir = Path(config.best_models_dir)
     if resume_state is None and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
                         f"Continue it with -resume True, or choose another -best_models_dir.")
     device = place.device
+    if device.type == "cuda":
+        # Every training batch has one shape (the crop), so cuDNN's search for its fastest
+        # kernels pays off; validation adds only a few window shapes.
+        torch.backends.cudnn.benchmark = True
     seed_everything(config.random_seed + place.rank)   # each process augments differently
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +103,8 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     else:
         trainable, total = count_parameters(model)
         say(f"Model: MONAI UNet, channels {config.channels}, {total:,} parameters")
+    say(f"Device {device}, precision {precision_name(device, config.mixed_precision)}, batch "
+        f"{config.batch_size}" + (" per process" if place.distributed else ""))
     if config.mixed_precision and amp_dtype(device) is None:
         say("Note: this CPU has no native bf16 (it needs AVX-512), so -mixed_precision is off and "
             "training runs in fp32, about 10x faster here than emulated bf16.")
@@ -146,10 +153,10 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
                           preprocessing=Preprocessing.from_dict(state["preprocessing"]))
     cases = cases.subset(state["split"][config.evaluate_split])
     autocast = autocast_for(device, config.mixed_precision)
+    evaluation = evaluate(model, cases, device, autocast, info.foreground_names, distances=True,
+                          also_postprocessed=True, mirror=config.tta)     # one inference, scored both ways
     rows, summary_rows = [], []
-    for postprocessed in (False, True):
-        result = evaluate(model, cases, device, autocast, info.foreground_names,
-                          distances=True, postprocess=postprocessed, mirror=config.tta)
+    for postprocessed, result in ((False, evaluation), (True, evaluation["postprocessed"])):
         rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
         summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
                           "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4)}

@@ -13,12 +13,23 @@ from 8 to 12 it/s a few minutes apart, so each ratio is taken within a round, be
 one after the other, and the median over the rounds is reported. The last line is
 `ratio_vs_reference X ratio_vs_bound Y` (b/a and b/c). Other options of main.py (e.g.
 -num_workers, -channels, -mixed_precision) change (b) and (c).
+
+To compare two settings of main.py in one run, give the second with --compare: (b) and (c) then
+run with the options given and with those plus the compared ones, taking turns, and the last
+line is the median over the rounds of base/compared:
+
+    python benchmarks/benchmark.py -data_dir ../shared/data/Task04_Hippocampus --compare "-channels_last False"
+
+benchmarks/time_to_dice.py measures what a user feels: the training time each pipeline needs
+to reach a validation Dice.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torchio as tio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,9 +53,27 @@ def peak_rss_mb() -> float:
     return (own + children) / 1024
 
 
-def reference(config, iterations: int, warmup: int) -> float:
-    """The TorchIO tutorial's pipeline, as written, with this project's model and batch size."""
-    import torchio as tio
+@dataclasses.dataclass
+class Tutorial:
+    """The TorchIO tutorial's pipeline, as written, with this project's model and batch size: a
+    SubjectsDataset that reads, preprocesses and augments every item every time, 2 loader
+    workers, Dice loss on one-hot labels, AdamW at a constant 1e-2, fp32, whole volumes."""
+    loader: torch.utils.data.DataLoader
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    preprocess: tio.Transform            # rescale to [-1, 1], crop/pad to one shape (no augmentation)
+    val_subjects: list[tio.Subject]      # the validation cases of this project's split, unread
+    class_names: list[str]               # foreground classes, e.g. Anterior, Posterior
+
+    def step(self, batch: dict) -> None:
+        loss = self.loss_fn(self.model(batch["image"][tio.DATA]), batch["label"][tio.DATA])
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+def tutorial_pipeline(config) -> Tutorial:
     from monai.losses import DiceLoss
 
     from utils.data_class import read_task, split_cases, case_id
@@ -54,25 +84,26 @@ def reference(config, iterations: int, warmup: int) -> float:
                 for image, label in info.pairs]
     split = split_cases([s["id"] for s in subjects], config.train_val_ratio, config.random_seed)
     train = [s for s in subjects if s["id"] in set(split["train"])]
+    val = [s for s in subjects if s["id"] in set(split["val"])]
     max_shape = tuple(max(tio.ScalarImage(i).shape[1 + axis] for i, _ in info.pairs) for axis in range(3))
-    preprocess = tio.Compose([tio.RescaleIntensity((-1, 1)), tio.CropOrPad(max_shape),
-                              tio.EnsureShapeMultiple(8), tio.OneHot()])
+    preprocess = tio.Compose([tio.RescaleIntensity((-1, 1)), tio.CropOrPad(max_shape), tio.EnsureShapeMultiple(8)])
     augment = tio.Compose([tio.RandomAffine(), tio.RandomGamma(p=0.5), tio.RandomNoise(p=0.5),
                            tio.RandomMotion(p=0.1), tio.RandomBiasField(p=0.25)])
-    dataset = tio.SubjectsDataset(train, transform=tio.Compose([preprocess, augment]))
+    dataset = tio.SubjectsDataset(train, transform=tio.Compose([preprocess, tio.OneHot(), augment]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=2)
     model = build_model(model_config(1, info.num_classes, config.channels, config.num_res_units))
-    loss_fn = DiceLoss(softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return Tutorial(loader, model, DiceLoss(softmax=True), optimizer, preprocess, val, info.foreground_names)
+
+
+def reference(config, iterations: int, warmup: int) -> float:
+    tutorial = tutorial_pipeline(config)
     done, started = 0, None
     while done < warmup + iterations:
-        for batch in loader:
+        for batch in tutorial.loader:
             if done == warmup:
                 started = time.perf_counter()
-            loss = loss_fn(model(batch["image"][tio.DATA]), batch["label"][tio.DATA])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            tutorial.step(batch)
             done += 1
             if done == warmup + iterations:
                 break
@@ -126,45 +157,84 @@ PARTS = {"a": ("reference (TorchIO tutorial pipeline, fp32, 2 workers)", referen
          "c": ("compute bound (fixed batch, forward + backward)", bound)}
 
 
+def run_part(part: str, options: list[str], iterations: int, warmup: int) -> dict:
+    """One part in a fresh process, so that its peak memory is its own: {'it_per_s', 'peak_rss_mb'}."""
+    done = subprocess.run([sys.executable, __file__, "--part", part, "--iterations", str(iterations),
+                           "--warmup", str(warmup), *options], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"part {part} ({' '.join(options)}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_ratio(top: list[float], bottom: list[float]) -> float:
+    """The median over the rounds of the ratio within a round."""
+    return statistics.median(t / b for t, b in zip(top, bottom))
+
+
+def settings(options: list[str]):
+    """The Config that main.py would use with `options` on this machine."""
+    from utils.args import for_device, parse_args
+    config = parse_args(options)
+    return for_device(config, choose_device(config.device).type)     # e.g. the batch size
+
+
+def describe(config) -> str:
+    low_precision = amp_dtype(choose_device(config.device)) if config.mixed_precision else None
+    return (f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}, "
+            f"patch {config.patch_size}, (b) and (c) in {low_precision or torch.float32}, "
+            f"channels_last {config.channels_last}, num_workers {config.num_workers}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS), help="run one part (used internally)")
     parser.add_argument("--iterations", type=int, default=100, help="timed iterations per part (default: 100)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default: 5)")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each part; the ratios are medians over them (default: 3)")
+    parser.add_argument("--compare", metavar="OPTIONS", default=None,
+                        help='main.py options to compare with, in quotes, e.g. --compare "-channels_last False": '
+                             "(b) and (c) run with and without them, taking turns, and the ratios are "
+                             "medians over the rounds; (a) is not run (default: no comparison)")
     known, main_options = parser.parse_known_args()
-
-    from utils.args import parse_args
-    config = parse_args(main_options)
     if known.part:
+        config = settings(main_options)
         rate = PARTS[known.part][1](config, known.iterations, known.warmup)
         print(json.dumps({"it_per_s": rate, "peak_rss_mb": peak_rss_mb()}))
         return
 
-    rates: dict[str, list[float]] = {part: [] for part in PARTS}
-    memory: dict[str, float] = {part: 0.0 for part in PARTS}
-    for _ in range(known.rounds):
-        for part in PARTS:
-            done = subprocess.run([sys.executable, __file__, "--part", part, "--iterations", str(known.iterations),
-                                   "--warmup", str(known.warmup), *main_options],
-                                  capture_output=True, text=True, cwd=ROOT)
-            if done.returncode != 0:
-                sys.exit(f"part {part} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            rates[part].append(result["it_per_s"])
-            memory[part] = max(memory[part], result["peak_rss_mb"])
-    for part, (title, _) in PARTS.items():
-        print(f"({part}) {title}: {statistics.median(rates[part]):.2f} it/s (rounds: "
-              f"{', '.join(f'{r:.2f}' for r in rates[part])}), peak RSS {memory[part]:.0f} MB", flush=True)
-    a, b, c = (rates[p] for p in "abc")
-    vs_reference = statistics.median(b_ / a_ for a_, b_ in zip(a, b))
-    vs_bound = statistics.median(b_ / c_ for b_, c_ in zip(b, c))
-    low_precision = amp_dtype(choose_device(config.device)) if config.mixed_precision else None
-    print(f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}, "
-          f"patch {config.patch_size}, (b) and (c) in {low_precision or torch.float32}, "
-          f"channels_last {config.channels_last}, num_workers {config.num_workers}, "
-          f"{known.iterations} timed iterations, medians of {known.rounds} rounds")
-    print(f"ratio_vs_reference {vs_reference:.2f} ratio_vs_bound {vs_bound:.2f}")
+    # Each setting is a list of main.py options; with --compare, the second adds the compared ones.
+    setups = {"": main_options}
+    parts = list(PARTS)
+    if known.compare:
+        setups = {"base": main_options, "compared": [*main_options, *shlex.split(known.compare)]}
+        parts = ["b", "c"]
+    rates = {(setup, part): [] for setup in setups for part in parts}
+    memory = {key: 0.0 for key in rates}
+    for round_ in range(known.rounds):
+        # The two settings take turns going first, so that neither always runs on a fresher machine.
+        order = list(setups) if round_ % 2 == 0 else list(reversed(setups))
+        for setup in order:
+            for part in parts:
+                result = run_part(part, setups[setup], known.iterations, known.warmup)
+                rates[setup, part].append(result["it_per_s"])
+                memory[setup, part] = max(memory[setup, part], result["peak_rss_mb"])
+    for setup in setups:
+        for part in parts:
+            runs = rates[setup, part]
+            label = f" [{setup}]" if setup else ""
+            print(f"({part}) {PARTS[part][0]}{label}: {statistics.median(runs):.2f} it/s (rounds: "
+                  f"{', '.join(f'{r:.2f}' for r in runs)}), peak RSS {memory[setup, part]:.0f} MB", flush=True)
+    for setup, options in setups.items():
+        label = f"[{setup}] " if setup else ""
+        print(f"{label}{describe(settings(options))}, {known.iterations} timed iterations, "
+              f"medians of {known.rounds} rounds")
+    if known.compare:
+        print(f"base/compared, median of the per-round ratios: "
+              f"(b) {median_ratio(rates['base', 'b'], rates['compared', 'b']):.2f} "
+              f"(c) {median_ratio(rates['base', 'c'], rates['compared', 'c']):.2f}")
+    else:
+        print(f"ratio_vs_reference {median_ratio(rates['', 'b'], rates['', 'a']):.2f} "
+              f"ratio_vs_bound {median_ratio(rates['', 'b'], rates['', 'c']):.2f}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Options that make a run take seconds: a 2-level U-Net with few channels, few iterations.
+# Options that make a run take seconds: a 2-level U-Net with few channels, few iterations. On the
+# CPU, so that runs repeat bit for bit (and a machine with a GPU runs the same tests).
 TINY = ["-channels", "4", "8", "-num_res_units", "0", "-batch_size", "2", "-Nit", "2", "-epochs", "2",
-        "-lr", "0.01"]
+        "-lr", "0.01", "-device", "cpu"]
 
 
 def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int], as_uint8: bool):
@@ -49,6 +51,16 @@ def write_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task04_
             "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
     (task / "dataset.json").write_text(json.dumps(meta, indent=2))
     return task
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Mixed precision as on a GPU (fp16 autocast with an enabled GradScaler), emulated on the CPU,
+    which torch supports, so the fp16 path is tested on machines without a GPU."""
+    fp16 = lambda device: torch.float16
+    monkeypatch.setattr("utils.evaluation.amp_dtype", fp16)
+    monkeypatch.setattr("utils.trainer_class.amp_dtype", fp16)
+    monkeypatch.setattr("main.amp_dtype", fp16)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
     python tests/fault_runner.py kill_in_save N  <main.py options>   # SIGKILL half-way through the N-th checkpoint write
     python tests/fault_runner.py kill_in_step N  <main.py options>   # SIGKILL before the N-th optimizer step
+    torchrun ... tests/fault_runner.py nan_in_rank_1 N <main.py options>  # a NaN loss at process 1's N-th step
 """
 import os
 import signal
@@ -47,6 +48,16 @@ elif kind == "kill_in_step":
         return real_step(self, loss)
 
     trainer_class.Trainer.backward_pass = dying_step
+elif kind == "nan_in_rank_1":
+    real_forward = trainer_class.Trainer.forward_pass
+
+    def nan_in_one_process(self, batch):
+        global count
+        loss, logits = real_forward(self, batch)
+        count += 1
+        return (loss * float("nan") if self.place.rank == 1 and count == target else loss), logits
+
+    trainer_class.Trainer.forward_pass = nan_in_one_process
 else:
     sys.exit(f"unknown fault {kind}")
 

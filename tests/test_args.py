@@ -1,6 +1,6 @@
 import pytest
 
-from utils.args import build_parser, config_from_dict, explicit_options, parse_args
+from utils.args import build_parser, config_from_dict, explicit_options, for_device, parse_args, str2bool
 
 
 def usage_error(argv, capsys) -> str:
@@ -12,8 +12,8 @@ def usage_error(argv, capsys) -> str:
 
 def test_defaults_are_the_documented_ones():
     c = parse_args([])
-    assert (c.task, c.google_id, c.batch_size, c.train_val_ratio, c.epochs, c.lr) == (
-        "Task04_Hippocampus", "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C", 2, 0.8, 100, 0.01)
+    assert (c.task, c.google_id, c.train_val_ratio, c.epochs, c.lr, c.momentum, c.weight_decay) == (
+        "Task04_Hippocampus", "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C", 0.8, 100, 0.01, 0.99, 3e-5)
     assert c.early_stopping is None and c.train_from_checkpoint is None and c.Nit is None
     assert (c.fine_tune, c.best_models_dir, c.mixed_precision, c.random_seed) == (False, "best_models", True, 42)
     assert (c.data_dir, c.device, c.num_workers, c.resume) == ("data", "auto", 0, False)
@@ -37,6 +37,15 @@ def test_unknown_boolean_word(capsys):
     assert "'maybe' is not a boolean" in usage_error(["-fine_tune", "maybe"], capsys)
 
 
+def test_batch_size_depends_on_the_device_unless_given():
+    assert parse_args([]).batch_size is None                          # filled in once the device is known
+    assert for_device(parse_args([]), "cuda").batch_size == 16
+    assert for_device(parse_args([]), "cpu").batch_size == 2
+    assert for_device(parse_args(["-batch_size", "5"]), "cuda").batch_size == 5
+    assert for_device(parse_args(["-batch_size", "5"]), "cpu").batch_size == 5
+    assert "(default: 16 on a GPU, 2 on a CPU" in " ".join(build_parser().format_help().split())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-Nit", "0"], "0 is too small"),
     (["-batch_size", "0"], "0 is too small"),
@@ -48,6 +57,12 @@ def test_unknown_boolean_word(capsys):
     (["-batch_size", "two"], "'two' is not a whole number"),
     (["-device", "tpu"], "invalid choice"),
     (["-channels", "8"], "at least 2 levels"),
+    (["-momentum", "0"], "outside (0, 1)"),
+    (["-momentum", "1"], "outside (0, 1)"),
+    (["-weight_decay", "-0.1"], "0 or more"),
+    (["-weight_decay", "nan"], "0 or more"),
+    (["-random_seed", "-1"], "outside 0 to 2**32 - 1"),
+    (["-max_minutes", "inf"], "finite"),
 ])
 def test_bad_values_get_a_sentence(argv, message, capsys):
     error = usage_error(argv, capsys)
@@ -87,3 +102,25 @@ def test_a_time_limit_alone_lets_the_clock_end_the_run():
     assert parse_args(["-max_minutes", "10"]).epochs == 100_000
     assert parse_args(["-max_minutes", "10", "-epochs", "30"]).epochs == 30
     assert parse_args([]).epochs == 100
+
+
+# One bad value for every option that takes a number or a path: a new option must be added here.
+BAD_VALUES = {
+    "-train_val_ratio": "1", "-num_workers": "-1", "-batch_size": "0", "-epochs": "-3", "-Nit": "0",
+    "-lr": "nan", "-momentum": "1.5", "-weight_decay": "-1e-5", "-early_stopping": "0",
+    "-max_minutes": "-5", "-random_seed": "4294967296", "-patch_size": "0", "-channels": "-16",
+    "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
+    "-device": "gpu", "-evaluate_split": "test",
+}
+FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir"}
+
+
+def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):
+    valued = {action.option_strings[0] for action in build_parser()._actions
+              if action.option_strings and action.type is not str2bool and action.nargs != 0}
+    assert valued - FREE_TEXT == set(BAD_VALUES), "give each new option a bad value in BAD_VALUES"
+    for option, value in BAD_VALUES.items():
+        argv = [option, value] + (["8", "8"] if option == "-patch_size" else [])
+        with_others = argv + (["16"] if option == "-channels" else [])
+        error = usage_error(with_others, capsys)
+        assert option in error and "error:" in error, option

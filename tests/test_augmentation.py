@@ -58,3 +58,11 @@ def test_random_crops_cover_the_whole_volume():
     out, _ = quiet(patch_size=(4, 1, 1)).augment(images, labels)
     starts = Counter(out[:, 0, 0, 0, 0].long().tolist())
     assert sorted(starts) == [0, 1, 2, 3, 4, 5, 6] and min(starts.values()) > 10
+
+
+def test_a_patch_larger_than_the_volume_is_capped_at_its_shape():
+    images, labels = blob_batch(n=2, shape=(12, 16, 12))
+    out_images, out_labels = quiet(patch_size=(40, 8, 40))(list(zip(images, labels)))
+    assert out_images.shape == (2, 1, 12, 8, 12) and out_labels.shape == (2, 1, 12, 8, 12)
+    out_images, _ = quiet(patch_size=(40, 56, 40))(list(zip(images, labels)))
+    assert torch.equal(out_images, images)

@@ -171,12 +171,32 @@ def evil_tar(path: Path, name: str, link: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, link", [("../escaped.txt", False), ("/tmp/absolute-escape.txt", False),
+@pytest.mark.parametrize("name, link", [("../escaped.txt", False), ("{absolute}", False),
                                         ("Task04_Hippocampus/link", True)])
 def test_entries_outside_the_target_are_refused(tmp_path, name, link):
-    archive = evil_tar(tmp_path / "evil.tar", name, link)
+    escaped = tmp_path / "escaped.txt"              # where "../escaped.txt" or the absolute path lands
+    archive = evil_tar(tmp_path / "evil.tar", name.format(absolute=escaped), link)
     target = tmp_path / "out"
     target.mkdir()
     with pytest.raises(DataError, match="outside|link"):
         safe_extract(archive, target)
     assert list(target.iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
+
+
+def test_extraction_works_on_a_python_without_tarfiles_data_filter(tmp_path, archive, monkeypatch):
+    # Pythons before 3.10.12 / 3.11.4 have no filter="data"; the entry checks are done either way.
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_filter_argument(tarfile.TarFile.extractall))
+    task = locate_task(archive, TASK, None)
+    assert (task / "dataset.json").is_file()
+    evil = evil_tar(tmp_path / "evil.tar", "../escaped.txt")
+    with pytest.raises(DataError, match="outside"):
+        safe_extract(evil, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def no_filter_argument(extractall):
+    def older_extractall(self, path=".", members=None, *, numeric_owner=False, **kwargs):
+        assert "filter" not in kwargs, "this Python's tarfile has no filter argument"
+        return extractall(self, path, members, numeric_owner=numeric_owner)
+    return older_extractall

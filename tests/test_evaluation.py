@@ -1,11 +1,23 @@
-"""Metrics against hand-built volumes whose Dice and distances are known."""
+"""Metrics against hand-built volumes whose Dice and distances are known, and -evaluate's single
+inference on a checkpoint trained on tiny synthetic data."""
 import contextlib
+import csv
 import math
+import warnings
 
 import pytest
 import torch
+from monai.metrics import HausdorffDistanceMetric
+from monai.networks.utils import one_hot
 
-from utils.evaluation import CaseMetrics, keep_largest_component, label_map, predict_logits, summarise
+import main as entry
+import utils.evaluation
+from conftest import TINY, write_task
+from utils.checkpoint import load_checkpoint
+from utils.data_class import Preprocessing, load_cases, read_task
+from utils.evaluation import (CaseMetrics, autocast_for, evaluate, keep_largest_component, label_map,
+                              predict_logits, summarise)
+from utils.model import build_model, downsampling_factor
 
 NAMES = ["Anterior", "Posterior"]
 
@@ -52,9 +64,11 @@ def test_largest_component_removes_a_planted_island():
     measure = CaseMetrics(NAMES)
     raw = measure(prediction, truth, (1, 1, 1))
     assert raw["dice_Posterior"] < 1 and raw["asd_Posterior"] > 0
+    kept = prediction.clone()
     cleaned = keep_largest_component(prediction, num_classes=3)
     assert cleaned.dtype == torch.uint8 and type(cleaned) is torch.Tensor
     assert torch.equal(cleaned, truth)
+    assert torch.equal(prediction, kept)        # the raw prediction is left as it was
     assert measure(cleaned, truth, (1, 1, 1))["dice_Posterior"] == 1.0
 
 
@@ -87,3 +101,111 @@ def test_mirrored_prediction_is_left_right_equivariant(shape):
     # The mirror image of a scan gets the mirror image of its prediction, and vice versa.
     assert torch.allclose(predict(images.flip(2), True), mirrored_scores.flip(2), atol=1e-5)
     assert not torch.allclose(predict(images.flip(2), False), plain.flip(2), atol=1e-3)
+
+
+# ------------------------------------------------------------------ warnings of the distance metrics
+
+def two_cubes():
+    truth = empty()
+    truth[0, 2:6, 2:6, 2:6], truth[0, 10:15, 10:15, 10:15] = 1, 2
+    return truth
+
+
+def silenced(caught) -> list[str]:
+    return [str(w.message) for w in caught
+            if "is all 0, this may result in nan/inf distance" in str(w.message)
+            or "always_return_as_numpy" in str(w.message)]
+
+
+def test_monai_warns_about_an_empty_prediction_when_asked_directly():
+    """The warnings that CaseMetrics silences do come from MONAI (so the next test means something)."""
+    truth = two_cubes()
+    hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hd95(one_hot(empty()[None].long(), 3), one_hot(truth[None].long(), 3), spacing=[1, 1, 1])
+    assert any("the prediction of class" in message for message in silenced(caught))
+
+
+@pytest.mark.parametrize("which", ["prediction", "truth"])
+def test_an_empty_prediction_or_truth_is_scored_without_warnings(which):
+    prediction, truth = (empty(), two_cubes()) if which == "prediction" else (two_cubes(), empty())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = CaseMetrics(NAMES)(prediction, truth, (1, 1, 1))
+    assert silenced(caught) == []
+    assert math.isnan(row["hd95_Anterior"]) and math.isinf(row["asd_Posterior"])   # the result, as before
+    # Silenced around the metrics only, not for the whole process.
+    filters = list(warnings.filters)
+    CaseMetrics(NAMES)(prediction, truth, (1, 1, 1))
+    assert warnings.filters == filters
+
+
+def test_other_warnings_from_the_metrics_still_show():
+    measure = CaseMetrics(NAMES)
+    real_hd95 = measure.metrics["hd95"]
+
+    def hd95_that_also_warns(*args, **kwargs):
+        warnings.warn("something else went wrong", UserWarning)
+        warnings.warn("another argument is deprecated", FutureWarning)
+        return real_hd95(*args, **kwargs)
+
+    measure.metrics["hd95"] = hd95_that_also_warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure(empty(), two_cubes(), (1, 1, 1))
+    shown = [(w.category, str(w.message)) for w in caught]
+    assert (UserWarning, "something else went wrong") in shown
+    assert (FutureWarning, "another argument is deprecated") in shown
+    assert silenced(caught) == []
+
+
+# ------------------------------------------------------------------ -evaluate
+
+def test_evaluate_predicts_each_case_once_and_scores_it_raw_and_postprocessed(tmp_path, monkeypatch):
+    task = write_task(tmp_path / "data", n_cases=8)
+    run = tmp_path / "run"
+    assert entry.main(["-data_dir", str(task), "-best_models_dir", str(run), *TINY,
+                       "-epochs", "4", "-Nit", "4", "-lr", "0.05"]) == 0
+    state = load_checkpoint(run / "best.pt")
+    val_ids = state["split"]["val"]
+
+    calls, forwards = [], []
+    real_predict_logits = utils.evaluation.predict_logits
+
+    def counted_with_an_island(model, image, *args, **kwargs):
+        """predict_logits, counting its calls and the network's forward passes, with a one-voxel
+        island of the posterior class planted, away from everything else, for post-processing
+        to remove."""
+        hook = model.register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            scores = real_predict_logits(model, image, *args, **kwargs)
+        finally:
+            hook.remove()
+        calls.append(tuple(image.shape))
+        scores[0, :, 1:4, 1:4, 1:4] = torch.tensor([10.0, 0.0, 0.0])[:, None, None, None]
+        scores[0, 2, 2, 2, 2] = 20.0
+        return scores
+
+    monkeypatch.setattr("utils.evaluation.predict_logits", counted_with_an_island)
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(run / "best.pt"),
+                       "-data_dir", str(task), "-device", "cpu"]) == 0
+    assert len(calls) == len(val_ids) and len(forwards) == len(val_ids)    # one inference per case
+    written = list(csv.DictReader(open(run / "evaluation_val.csv")))
+
+    # What evaluating raw and then post-processed separately gives, from the same predictions.
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    cases, _ = load_cases(read_task(task), downsampling_factor(state["model_config"]), progress=False,
+                          preprocessing=Preprocessing.from_dict(state["preprocessing"]))
+    cases = cases.subset(val_ids)
+    raw = evaluate(model, cases, torch.device("cpu"), autocast_for(torch.device("cpu"), True),
+                   NAMES, distances=True, mirror=True)
+    measure = CaseMetrics(NAMES)
+    postprocessed = [{"case": case, **measure(keep_largest_component(prediction, 3), truth, spacing)}
+                     for case, prediction, truth, spacing
+                     in zip(raw["prediction_ids"], raw["predictions"], cases.native_labels, cases.spacings)]
+    as_written = lambda rows, flag: [{"postprocessed": str(flag), **{k: str(v) for k, v in row.items()}}
+                                     for row in rows]
+    assert written == as_written(raw["rows"], False) + as_written(postprocessed, True)
+    assert any(a != b for a, b in zip(raw["rows"], postprocessed))       # post-processing did something

@@ -1,5 +1,6 @@
 """End-to-end runs of main.py on tiny synthetic data: in-process for speed, and one subprocess."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -57,15 +58,34 @@ def test_interrupted_run_resumes_to_the_same_result(task_dir, tmp_path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fine_tune_trains_only_the_last_layer(task_dir, tmp_path, capsys):
-    assert run_main(task_dir, tmp_path / "base") == 0
+def test_a_run_without_fp16_resumes_with_fp16_and_its_grad_scaler(task_dir, tmp_path, fp16_on_cpu):
+    """As a run started on a CPU (or in fp32) and continued on a GPU in fp16."""
+    run = tmp_path / "run"
+    assert run_main(task_dir, run, "-epochs", "1", "-mixed_precision", "False") == 0
+    assert load_checkpoint(run / "last.pt")["scaler"] == {}
+    assert entry.main(["-best_models_dir", str(run), "-resume", "True", "-epochs", "2",
+                       "-mixed_precision", "True"]) == 0
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["scaler"]["scale"] > 0 and state["config"]["mixed_precision"]
+
+
+def last_layer_keys(model_config: dict) -> set[str]:
+    model = build_model(model_config)
+    return {f"{name}.{p}" for name, module in model.named_modules() if module is last_layer(model)
+            for p, _ in module.named_parameters()}
+
+
+@pytest.mark.parametrize("num_res_units", ["0", "1"])      # 1 is the default network
+def test_fine_tune_trains_only_the_last_layer(task_dir, tmp_path, capsys, num_res_units):
+    assert run_main(task_dir, tmp_path / "base", "-num_res_units", num_res_units) == 0
     start = tmp_path / "base" / "best.pt"
-    assert run_main(task_dir, tmp_path / "tuned", "-fine_tune", "True", "-train_from_checkpoint", str(start)) == 0
+    assert run_main(task_dir, tmp_path / "tuned", "-fine_tune", "True", "-train_from_checkpoint", str(start),
+                    "-num_res_units", num_res_units) == 0
     before = load_checkpoint(start)
     after = load_checkpoint(tmp_path / "tuned" / "last.pt")
-    model = build_model(before["model_config"])
-    last = {f"{name}.{p}" for name, module in model.named_modules() if module is last_layer(model)
-            for p, _ in module.named_parameters()}
+    last = last_layer_keys(before["model_config"])
+    model = build_model(before["model_config"])   # the last layer is the one that makes the class scores
+    assert last_layer(model).out_channels == 3
     changed = {k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])}
     assert changed == last
     trainable = sum(before["model"][k].numel() for k in last)
@@ -73,8 +93,19 @@ def test_fine_tune_trains_only_the_last_layer(task_dir, tmp_path, capsys):
     assert f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters" in capsys.readouterr().out
 
 
-def test_fine_tune_from_random_weights(task_dir, tmp_path):
+def test_fine_tune_from_random_weights(task_dir, tmp_path, monkeypatch):
+    started = {}
+    original = Trainer.training_loop
+
+    def remember_the_start(self):
+        started.update({k: v.clone() for k, v in self.network.state_dict().items()})
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "training_loop", remember_the_start)
     assert run_main(task_dir, tmp_path / "run", "-fine_tune", "True") == 0
+    after = load_checkpoint(tmp_path / "run" / "last.pt")
+    changed = {k for k in started if not torch.equal(started[k], after["model"][k])}
+    assert changed == last_layer_keys(after["model_config"])
 
 
 def test_checkpoint_of_another_architecture_is_refused(task_dir, tmp_path, capsys):
@@ -122,3 +153,13 @@ def test_mixed_precision_on_a_cpu_without_native_bf16_says_it_trains_in_fp32(tas
     assert run_main(task_dir, tmp_path / "run", "-epochs", "1", "-mixed_precision", "True") == 0
     said = "no native bf16" in capsys.readouterr().out
     assert said != native_bf16
+
+
+def test_config_json_records_the_batch_size_used_on_the_cpu(task_dir, tmp_path):
+    options = list(TINY)
+    at = options.index("-batch_size")
+    del options[at:at + 2]
+    assert entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(tmp_path / "run"), *options,
+                       "-epochs", "1"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["batch_size"] == 2 and load_checkpoint(tmp_path / "run" / "last.pt")["config"]["batch_size"] == 2

@@ -1,5 +1,6 @@
-"""Execute main.ipynb top to bottom with a small config: on the real data in ../shared when it is
-there, else on synthetic data. Any cell error fails the test."""
+"""Execute main.ipynb top to bottom with a small config, both as a new user runs it (synthetic
+volumes, smaller than the default patch) and, when ../shared is there, on the real data.
+Any cell error fails the test."""
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -9,20 +10,27 @@ from conftest import ROOT, write_task
 REAL_DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 
 
-def test_notebook_runs_top_to_bottom(tmp_path):
+@pytest.mark.parametrize("data", [
+    "synthetic",
+    pytest.param("real", marks=pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no ../shared/data here")),
+])
+def test_notebook_runs_top_to_bottom(tmp_path, data):
     notebook = nbformat.read(ROOT / "main.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         "commit main.ipynb with its outputs cleared"
     parameters = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1
-    data_dir = REAL_DATA if REAL_DATA.is_dir() else write_task(tmp_path / "data", n_cases=8)
-    small = {"data_dir": str(data_dir), "best_models_dir": str(tmp_path / "run"), "epochs": 2, "Nit": 2,
-             "batch_size": 4}
-    if not REAL_DATA.is_dir():
-        small.update({"channels": [4, 8]})
+    small = {"best_models_dir": str(tmp_path / "run"), "epochs": 2, "Nit": 2, "batch_size": 4,
+             "device": "cpu"}
+    if data == "real":
+        small["data_dir"] = str(REAL_DATA)
+    else:   # volumes of about 12x14x12 voxels, smaller than the default 40x56x40 patch
+        small.update({"data_dir": str(write_task(tmp_path / "data", n_cases=8)), "channels": [4, 8]})
     notebook.cells.insert(parameters[0] + 1, nbformat.v4.new_code_cell(f"options.update({small!r})"))
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "curves.png").is_file()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "post-processed" in outputs and "dice_Anterior" in outputs
+    assert "Every package of requirements.txt is installed." in outputs      # and nothing installed
+    assert "device: cpu | precision: " in outputs and "batch size: 4" in outputs

@@ -108,7 +108,8 @@ def test_unwritable_predictions_dir(trained, tmp_path, capsys):
 
 def test_evaluate_writes_per_case_and_summary_csv(trained, tmp_path, capsys):
     task, checkpoint = trained
-    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task)]) == 0
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task),
+                       "-device", "cpu"]) == 0     # the device of training, whose figures it repeats
     rows = list(csv.DictReader(open(checkpoint.parent / "evaluation_val.csv")))
     assert len(rows) == 2 * 2                                  # 2 validation cases, raw and post-processed
     assert {"case", "postprocessed", "dice_Anterior", "hd95_Posterior", "asd_Anterior"} <= set(rows[0])
@@ -141,14 +142,15 @@ def test_a_run_repeats_from_its_config_json(trained, tmp_path):
 
 def test_predict_segments_a_validation_case_exactly_as_validation_does(trained, tmp_path):
     task, checkpoint = trained
-    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task)]) == 0
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(checkpoint), "-data_dir", str(task),
+                       "-device", "cpu"]) == 0     # the device of training, whose figures it repeats
     rows = [r for r in csv.DictReader(open(checkpoint.parent / "evaluation_val.csv")) if r["postprocessed"] == "False"]
     files = [task / "imagesTr" / f"{row['case']}.nii.gz" for row in rows]
     (tmp_path / "in").mkdir()
     for file in files:
         os.symlink(file, tmp_path / "in" / file.name)
     assert entry.main(["-predict", str(tmp_path / "in"), "-train_from_checkpoint", str(checkpoint),
-                       "-predictions_dir", str(tmp_path / "out")]) == 0
+                       "-predictions_dir", str(tmp_path / "out"), "-device", "cpu"]) == 0
     measure = CaseMetrics(["Anterior", "Posterior"], distances=False)
     for row, file in zip(rows, files):
         predicted = torch.as_tensor(np.asarray(nib.load(tmp_path / "out" / file.name).dataobj))[None]

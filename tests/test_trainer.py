@@ -1,6 +1,8 @@
 import csv
 import dataclasses
+import math
 import os
+import sys
 
 import pytest
 import torch
@@ -42,10 +44,96 @@ def test_cpu_mixed_precision_is_bf16_without_a_scaler_where_the_cpu_has_it(task_
     monkeypatch.setattr("utils.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
-    assert logits.dtype == expected and not trainer.scaler.is_enabled()
+    assert logits.dtype == expected
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=False)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
     assert logits.dtype == torch.float32
+
+
+def test_only_fp16_gets_a_grad_scaler(task_dir, tmp_path, monkeypatch):
+    for dtype, scaled in ((torch.float16, True), (torch.bfloat16, False), (None, False)):
+        monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: dtype)
+        assert make_trainer(task_dir, tmp_path / "run", mixed_precision=True).scaler.is_enabled() == scaled
+    monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: torch.float16)
+    assert not make_trainer(task_dir, tmp_path / "run", mixed_precision=False).scaler.is_enabled()
+
+
+def steps_recorded(trainer, overflow_step: int | None = None, poison_step: int | None = None):
+    """Wrap forward and backward: record each step's loss and whether the weights changed; make
+    the gradients of step `overflow_step` infinite, or the loss of `poison_step` NaN."""
+    record = {"losses": [], "changed": []}
+    forward, backward = trainer.forward_pass, trainer.backward_pass
+    first_weight = next(trainer.network.parameters())
+
+    def recording_forward(batch):
+        loss, logits = forward(batch)
+        if len(record["losses"]) + 1 == poison_step:
+            loss = loss * float("nan")
+        record["losses"].append(loss.item())
+        return loss, logits
+
+    def recording_backward(loss):
+        before = [p.detach().clone() for p in trainer.network.parameters()]
+        hook = (first_weight.register_hook(lambda grad: grad * float("inf"))
+                if len(record["losses"]) == overflow_step else None)
+        backward(loss)
+        if hook is not None:
+            hook.remove()
+        record["changed"].append(any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters())))
+
+    trainer.forward_pass, trainer.backward_pass = recording_forward, recording_backward
+    return record
+
+
+def test_fp16_grad_scaler_skips_an_overflowing_step_and_lowers_its_scale(task_dir, tmp_path, fp16_on_cpu):
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=3)
+    assert trainer.scaler.is_enabled()
+    _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
+    assert logits.dtype == torch.float16
+    scale = trainer.scaler.get_scale()
+    record = steps_recorded(trainer, overflow_step=2)
+    mean_loss = trainer.train_one_epoch()
+    assert record["changed"] == [True, False, True]              # the overflowing step was skipped
+    assert trainer.scaler.get_scale() == scale / 2
+    assert mean_loss == pytest.approx(sum(record["losses"]) / 3)  # a finite loss, still measured
+
+
+def test_fp16_a_nan_loss_is_skipped_and_left_out_of_the_epoch_mean(task_dir, tmp_path, fp16_on_cpu):
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=3)
+    record = steps_recorded(trainer, poison_step=2)
+    mean_loss = trainer.train_one_epoch()                        # no NonFiniteLossError: the scaler copes
+    assert record["changed"] == [True, False, True]
+    losses = record["losses"]
+    assert math.isnan(losses[1]) and mean_loss == pytest.approx((losses[0] + losses[2]) / 2)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_the_loss_is_read_back_every_step_only_without_a_scaler(task_dir, tmp_path, monkeypatch, fp16):
+    """Reading a loss (item()) waits for the GPU; with fp16 the scaler makes it unnecessary. (The
+    scaler's own step reads its overflow flag; only the Trainer's reads are counted.)"""
+    if fp16:
+        monkeypatch.setattr("utils.evaluation.amp_dtype", lambda device: torch.float16)
+        monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: torch.float16)
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=6)
+    reads = []
+    item = torch.Tensor.item
+
+    def counted_item(self):
+        if sys._getframe(1).f_code.co_filename.endswith("trainer_class.py"):
+            reads.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    trainer.train_one_epoch()
+    assert len(reads) <= 2 if fp16 else len(reads) >= 6        # at the epoch's end only / every step
+
+
+def test_an_epoch_of_only_non_finite_losses_stops_even_with_a_scaler(task_dir, tmp_path, fp16_on_cpu):
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=2)
+    forward = trainer.forward_pass
+    trainer.forward_pass = lambda batch: (lambda loss, logits: (loss * float("inf"), logits))(*forward(batch))
+    with pytest.raises(NonFiniteLossError, match="Every training loss of epoch 1"):
+        trainer.train_one_epoch()
 
 
 def test_channels_last_layout_trains_the_same_numbers(task_dir, tmp_path):
@@ -88,7 +176,7 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
                 "preprocessing", "model_config", "rng", "history"):
         assert key in last
     assert last["epoch"] == 3 and last["config"]["epochs"] == 3
-    assert set(last["rng"]) == {"processes", "sampler", "loader"}
+    assert set(last["rng"]) == {"processes", "device", "sampler", "loader"} and last["rng"]["device"] == "cpu"
     assert set(last["rng"]["processes"][0]) == {"torch", "cuda", "numpy", "python"}
     best = load_checkpoint(run / "best.pt")
     assert best["best_metric"] == pytest.approx(max(float(r["dice_mean"]) for r in rows), abs=1e-6)
@@ -187,3 +275,39 @@ def test_learning_rate_follows_the_clock_under_a_time_budget(task_dir, tmp_path)
     assert trainer.poly_factor() == pytest.approx(0.5 ** 0.9)
     trainer.minutes_trained = lambda: 10.5
     assert trainer.poly_factor() == 0 and trainer.time_is_up()
+
+
+def test_resume_from_a_run_without_fp16_into_fp16_and_back(task_dir, tmp_path, monkeypatch, capsys):
+    plain = make_trainer(task_dir, tmp_path / "plain", mixed_precision=False, epochs=1)
+    plain.training_loop()
+    saved = load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert saved["scaler"] == {}                          # a disabled scaler saves nothing
+    monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: torch.float16)
+    scaled = make_trainer(task_dir, tmp_path / "plain", mixed_precision=True, epochs=2)
+    scaled.load_state_dict(saved)                         # e.g. a CPU run continued on a GPU
+    assert scaled.scaler.is_enabled() and scaled.scaler.get_scale() == 2.0 ** 16 and scaled.epoch == 1
+    scaled.backward_pass(scaled.forward_pass(next(iter(scaled.train_loader)))[0])
+    fp16_state = scaled.state_dict()
+    assert fp16_state["scaler"]["scale"] == 2.0 ** 16
+    monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: None)
+    back = make_trainer(task_dir, tmp_path / "plain", mixed_precision=True, epochs=2)
+    back.load_state_dict(fp16_state)                      # and a GPU run continued on a CPU
+    assert not back.scaler.is_enabled() and back.epoch == 1
+    assert "Note:" not in capsys.readouterr().out         # same device and process count
+
+
+def test_resume_with_another_process_count_or_device_says_the_streams_differ(task_dir, tmp_path, capsys):
+    trainer = make_trainer(task_dir, tmp_path / "run", epochs=1)
+    trainer.training_loop()
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    capsys.readouterr()
+    two_gpus = {**state, "rng": {**state["rng"], "device": "cuda",
+                                 "processes": state["rng"]["processes"] * 2}}
+    other = make_trainer(task_dir, tmp_path / "run", epochs=2)
+    before = torch.get_rng_state()
+    other.load_state_dict(two_gpus)
+    assert "saved by 2 process(es) on cuda and continues with 1 on cpu" in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), before)     # this process's own seeding is kept
+    make_trainer(task_dir, tmp_path / "run", epochs=2).load_state_dict(state)
+    assert "Note:" not in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), state["rng"]["processes"][0]["torch"])

@@ -54,7 +54,22 @@ def checked(kind: type, accept, requirement: str):
 positive_int = checked(int, lambda v: v >= 1, "is too small; it must be 1 or more")
 non_negative_int = checked(int, lambda v: v >= 0, "is negative; it must be 0 or more")
 positive_float = checked(float, lambda v: 0 < v < float("inf"), "must be a finite number greater than 0")
+non_negative_float = checked(float, lambda v: 0 <= v < float("inf"), "must be a finite number, 0 or more")
 open_ratio = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); use e.g. 0.8 for 80% training cases")
+momentum_value = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); Nesterov momentum needs more than 0 "
+                         "and less than 1 (e.g. 0.99)")
+seed_value = checked(int, lambda v: 0 <= v < 2 ** 32, "is outside 0 to 2**32 - 1, the seeds NumPy accepts")
+
+# -batch_size when it is not given: a GPU runs a batch of 16 about as fast as a batch of 2, while
+# on a 2-core CPU more, smaller steps learn more in 10 minutes (benchmarks/README.md).
+BATCH_SIZE_BY_DEVICE = {"cuda": 16, "cpu": 2}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to each help text, unless the text already says its default."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
 def existing_file(text: str) -> str:
@@ -66,7 +81,7 @@ def existing_file(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a 3D U-Net to segment the hippocampus (MSD Task04) with plain PyTorch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     flag = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
 
@@ -83,15 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DataLoader worker processes for augmentation (0: in the main process)")
 
     train = p.add_argument_group("training")
-    train.add_argument("-batch_size", type=positive_int, default=2,
-                       help="samples per iteration (2: the most accurate in 10 CPU minutes, benchmarks/README.md)")
+    train.add_argument("-batch_size", type=optional(positive_int), default=None,
+                       help="samples per iteration, per process (default: 16 on a GPU, 2 on a CPU, where "
+                            "2 is the most accurate in 10 minutes, benchmarks/README.md)")
     train.add_argument("-epochs", type=positive_int, default=100,
                        help="number of epochs; with -max_minutes and no -epochs, as many as the time allows")
     train.add_argument("-Nit", type=optional(positive_int), default=None,
                        help="iterations per epoch; None means one pass over the training set")
     train.add_argument("-lr", type=positive_float, default=0.01, help="initial learning rate")
-    train.add_argument("-momentum", type=float, default=0.99, help="SGD (Nesterov) momentum")
-    train.add_argument("-weight_decay", type=float, default=3e-5, help="SGD weight decay")
+    train.add_argument("-momentum", type=momentum_value, default=0.99, help="SGD (Nesterov) momentum")
+    train.add_argument("-weight_decay", type=non_negative_float, default=3e-5, help="SGD weight decay")
     train.add_argument("-early_stopping", type=optional(positive_int), default=None,
                        help="patience in epochs; None disables it")
     train.add_argument("-max_minutes", type=optional(positive_float), default=None,
@@ -103,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep weights and batches in the channels_last_3d memory layout, which "
                             "measured 1.2x faster training steps on a CPU (benchmarks/README.md)", **flag)
     train.add_argument("-augment", default=True, help="random augmentation of training samples", **flag)
-    train.add_argument("-random_seed", type=int, default=42, help="seed of every random generator")
+    train.add_argument("-random_seed", type=seed_value, default=42, help="seed of every random generator")
     train.add_argument("-device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                        help="where to train; auto picks cuda when available")
 
@@ -157,7 +173,7 @@ class Config:
     data_dir: str
     train_val_ratio: float
     num_workers: int
-    batch_size: int
+    batch_size: int | None               # None until `for_device` fills in the device's default
     epochs: int
     Nit: int | None
     lr: float
@@ -200,6 +216,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
         namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
     return Config(**vars(namespace))
+
+
+def for_device(config: Config, device_type: str) -> Config:
+    """`config` with the defaults that depend on the device filled in: -batch_size."""
+    if config.batch_size is None:
+        return dataclasses.replace(config, batch_size=BATCH_SIZE_BY_DEVICE[device_type])
+    return config
 
 
 def config_from_file(path: str, argv: Sequence[str] | None = None) -> Config:

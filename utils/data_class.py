@@ -21,6 +21,7 @@ from tqdm import tqdm
 from utils.augmentation import BatchAugmentation
 from utils.errors import DataError
 from utils.sampling import EvenSampler
+from utils.scans import ScanError, read_scan
 
 
 @dataclasses.dataclass
@@ -133,12 +134,12 @@ def prediction_window(native_shape: Sequence[int], target_shape: Sequence[int],
 def load_pair(image_path: Path, label_path: Path, label_values: set[int]) -> tio.Subject:
     """Read one case, check it, and return it in canonical orientation."""
     try:
-        subject = tio.Subject(image=tio.ScalarImage(image_path), label=tio.LabelMap(label_path))
-        subject.load()
-    except Exception as error:  # nibabel/SimpleITK raise many types for a broken file
-        raise DataError(f"Cannot read {image_path} or {label_path}: {error}. The file is corrupt or "
-                        f"truncated; restore it from the archive.") from None
-    image, label = subject.image, subject.label
+        image, label = read_scan(image_path, "image"), read_scan(label_path, "label")
+    except ScanError as error:
+        raise DataError(f"Cannot read {error.path}: it {error.reason}. A corrupt or truncated file is "
+                        f"usually left by an interrupted copy or download; restore it from the "
+                        f"archive.") from None
+    subject = tio.Subject(image=image, label=label)
     if image.data.ndim != 4 or label.num_channels != 1:
         raise DataError(f"{label_path} has {label.num_channels} channels; a label map has one.")
     if image.spatial_shape != label.spatial_shape:
@@ -259,8 +260,6 @@ def train_loader(cases: Cases, batch_size: int, Nit: int | None, augment: bool, 
     else:
         samples = (Nit or math.ceil(len(cases) / global_batch)) * global_batch
     sampler = EvenSampler(len(cases), samples, seed, batch_size, rank, world_size)
-    if patch_size is not None:
-        patch_size = tuple(min(p, s) for p, s in zip(patch_size, cases.images.shape[2:]))
     return DataLoader(
         SegmentationDataset(cases), collate_fn=BatchAugmentation(patch_size) if augment else None,
         batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,

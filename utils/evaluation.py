@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -41,6 +42,13 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def precision_name(device: torch.device, mixed_precision: bool) -> str:
+    """In words, the arithmetic that -mixed_precision gives on `device`, e.g. to print at start."""
+    dtype = amp_dtype(device) if mixed_precision else None
+    return {torch.float16: "fp16 autocast with a GradScaler", torch.bfloat16: "bf16 autocast",
+            None: "fp32"}[dtype]
 
 
 def autocast_for(device: torch.device, enabled: bool) -> Autocast:
@@ -89,9 +97,24 @@ def label_map(scores: torch.Tensor) -> torch.Tensor:
 
 
 def keep_largest_component(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Keep the largest connected component of each foreground class of a (1, D, H, W) label map."""
+    """Keep the largest connected component of each foreground class of a (1, D, H, W) label map.
+    Returns a new tensor: MONAI's transform edits its input in place, and -evaluate still needs
+    the raw prediction."""
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), independent=True)
-    return convert_to_tensor(keep(label_map), dtype=label_map.dtype, track_meta=False)
+    return convert_to_tensor(keep(label_map.clone()), dtype=label_map.dtype, track_meta=False)
+
+
+# Warnings that MONAI's distance metrics give for every case and class, expected here and silenced
+# in CaseMetrics only (regular expressions matched at the start of the message; others still show):
+EXPECTED_METRIC_WARNINGS = [
+    # MONAI 1.5+ passes its own deprecated argument to get_mask_edges; nothing to do on our side.
+    (r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy: Argument `always_return_as_numpy` "
+     r"has been deprecated", FutureWarning),
+    # A class missing from a prediction (common in early epochs) or from a label: its distances
+    # are then NaN (hd95) or inf (asd), which is the result, not a problem to report.
+    (r"the (prediction|ground truth) of class \S+ is all 0, this may result in nan/inf distance",
+     UserWarning),
+]
 
 
 class CaseMetrics:
@@ -111,10 +134,13 @@ class CaseMetrics:
         k = len(self.class_names) + 1
         y_pred, y = one_hot(prediction[None].long(), k), one_hot(truth[None].long(), k)
         row = {}
-        for name, metric in self.metrics.items():
-            kwargs = {} if name == "dice" else {"spacing": list(spacing)}
-            values = metric(y_pred, y, **kwargs)[0]
-            row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, values)})
+        with warnings.catch_warnings():
+            for message, category in EXPECTED_METRIC_WARNINGS:
+                warnings.filterwarnings("ignore", message, category, module=r"monai\.")
+            for name, metric in self.metrics.items():
+                kwargs = {} if name == "dice" else {"spacing": list(spacing)}
+                values = metric(y_pred, y, **kwargs)[0]
+                row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, values)})
         return row
 
 
@@ -130,9 +156,26 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
     return summary
 
 
+def predict_cases(model: nn.Module, cases: Cases, device: torch.device, autocast: Autocast,
+                  loss_fn: nn.Module | None = None, mirror: bool = False) -> tuple[list[torch.Tensor], float]:
+    """Label maps (1, X, Y, Z) of `cases` on their own voxel grids, each predicted on the window of
+    its padded volume that holds it, and the sum over cases of `loss_fn` on those windows (0.0
+    without one)."""
+    predictions, loss_sum = [], 0.0
+    for index in range(len(cases)):
+        window = (slice(None), *cases.windows[index])                     # (C, D, H, W) indices
+        scores = predict_logits(model, cases.images[index][window][None], device, autocast, mirror=mirror)
+        if loss_fn is not None:
+            loss_sum += loss_fn(scores, cases.labels[index][window][None].long()).item()
+        padded = torch.zeros_like(cases.labels[index])                    # background outside the window
+        padded[window] = label_map(scores[0])
+        predictions.append(cases.uncrop[index](padded))
+    return predictions, loss_sum
+
+
 def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Autocast,
              class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
-             postprocess: bool = False, mirror: bool = False, place: Place = Place()) -> dict:
+             also_postprocessed: bool = False, mirror: bool = False, place: Place = Place()) -> dict:
     """Predict every case (the window of its padded volume that holds it) and measure it on its
     own voxel grid.
 
@@ -142,28 +185,31 @@ def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Aut
     Returns {'loss': mean loss over the cases' windows (or None), 'rows': one dict per case,
     'dice': tensor of per-class mean Dice, 'summary': {metric_class: (mean, std)},
     'predictions': label maps (1, X, Y, Z) on their own grids of this process's cases,
-    'prediction_ids': those cases' ids}.
+    'prediction_ids': those cases' ids}. With `also_postprocessed`, also 'postprocessed': the
+    same 'rows', 'dice', 'summary' and 'predictions' after keeping the largest connected
+    component of each class of those same predictions (one inference for both).
     """
     mine = cases.subset(cases.ids[place.rank::place.world_size]) if place.distributed else cases
-    rows, predictions, loss_sum = [], [], 0.0
+    predictions, loss_sum = predict_cases(model, mine, device, autocast, loss_fn, mirror)
+    variants = {"raw": predictions}
+    if also_postprocessed:
+        variants["postprocessed"] = [keep_largest_component(p, len(class_names) + 1) for p in predictions]
     measure = CaseMetrics(class_names, distances)
-    for index in range(len(mine)):
-        window = (slice(None), *mine.windows[index])                      # (C, D, H, W) indices
-        scores = predict_logits(model, mine.images[index][window][None], device, autocast, mirror=mirror)
-        if loss_fn is not None:
-            loss_sum += loss_fn(scores, mine.labels[index][window][None].long()).item()
-        padded = torch.zeros_like(mine.labels[index])                     # background outside the window
-        padded[window] = label_map(scores[0])
-        prediction = mine.uncrop[index](padded)
-        if postprocess:
-            prediction = keep_largest_component(prediction, len(class_names) + 1)
-        predictions.append(prediction)
-        rows.append({"case": mine.ids[index], **measure(prediction, mine.native_labels[index], mine.spacings[index])})
+    rows = {variant: [{"case": case, **measure(label, truth, spacing)}
+                      for case, label, truth, spacing in zip(mine.ids, labels, mine.native_labels, mine.spacings)]
+            for variant, labels in variants.items()}
     parts = gather((rows, loss_sum), place)
     order = {case: i for i, case in enumerate(cases.ids)}
-    rows = sorted((row for part_rows, _ in parts for row in part_rows), key=lambda row: order[row["case"]])
+
+    def scored(variant: str) -> dict:
+        every = sorted((row for part_rows, _ in parts for row in part_rows[variant]),
+                       key=lambda row: order[row["case"]])
+        summary = summarise(every, [key for key in every[0] if key != "case"])
+        dice = torch.tensor([summary[f"dice_{name}"][0] for name in class_names])
+        return {"rows": every, "dice": dice, "summary": summary, "predictions": variants[variant]}
+
     loss = sum(part_loss for _, part_loss in parts) / len(cases) if loss_fn is not None else None
-    summary = summarise(rows, [key for key in rows[0] if key != "case"])
-    dice = torch.tensor([summary[f"dice_{name}"][0] for name in class_names])
-    return {"loss": loss, "rows": rows, "dice": dice, "summary": summary, "predictions": predictions,
-            "prediction_ids": mine.ids}
+    result = {"loss": loss, **scored("raw"), "prediction_ids": mine.ids}
+    if also_postprocessed:
+        result["postprocessed"] = scored("postprocessed")
+    return result

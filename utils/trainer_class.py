@@ -20,7 +20,7 @@ from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.data_class import Cases
 from utils.distributed import Place, any_process, gather, unwrap
-from utils.evaluation import autocast_for, evaluate
+from utils.evaluation import amp_dtype, autocast_for, evaluate
 from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
@@ -37,6 +37,13 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum over the trainable parameters only (fine-tuning freezes the rest)."""
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                            momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+
+
+def make_scaler(device: torch.device, mixed_precision: bool) -> torch.amp.GradScaler:
+    """A GradScaler that is on only under fp16 autocast: fp16 gradients can underflow to zero, so
+    the loss is scaled up before backward(). bf16 has fp32's range and needs none; a disabled
+    scaler passes every call straight through."""
+    return torch.amp.GradScaler(device.type, enabled=mixed_precision and amp_dtype(device) == torch.float16)
 
 
 def memory_format(config: Config) -> torch.memory_format:
@@ -68,7 +75,7 @@ class Trainer:
         # fp32's range, so the scaler is disabled (then every scaler call is a plain pass-through);
         # on a CPU without native bf16, plain fp32 (see amp_dtype).
         self.autocast = autocast_for(device, config.mixed_precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision and device.type == "cuda")
+        self.scaler = make_scaler(device, config.mixed_precision)
 
         self.epoch = 0                                  # epochs completed
         self.best_metric = -math.inf                    # best validation mean Dice so far
@@ -120,25 +127,42 @@ class Trainer:
         return (1 - min(progress, 1.0)) ** POLY_POWER
 
     def train_one_epoch(self) -> float:
-        """Train for one epoch (Nit iterations) and return the mean training loss."""
+        """Train for one epoch (Nit iterations) and return the mean training loss of its steps.
+
+        With fp16's GradScaler a step whose loss or gradients are not finite is skipped by the
+        scaler, which lowers its scale; such a loss is left out of the mean. The sums stay on the
+        device, so no step waits for the GPU just to add up the loss.
+        """
         self.model.train()
-        total, count = torch.zeros((), device=self.device), 0
+        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         bar = tqdm(self.train_loader, desc=self.epoch_name(self.epoch + 1), leave=False,
                    disable=not self.place.is_main)
         for iteration, batch in enumerate(bar, start=1):
             loss, _ = self.forward_pass(batch)
-            if not torch.isfinite(loss) and not self.scaler.is_enabled():
-                # (With fp16 on CUDA the scaler skips such steps and lowers its scale instead.)
-                raise NonFiniteLossError(f"The training loss became {loss.item()} at epoch {self.epoch + 1}, "
-                                         f"iteration {iteration}. Try a lower -lr, or -mixed_precision False.")
+            if not self.scaler.is_enabled():
+                self.check_finite(loss, iteration)
             self.backward_pass(loss)
-            total += loss.detach()
-            count += 1
+            loss = loss.detach()
+            finite = torch.isfinite(loss)
+            total += torch.where(finite, loss, 0.0)
+            count += finite
             if iteration % 10 == 0:
-                bar.set_postfix(loss=f"{total.item() / count:.4f}")
+                bar.set_postfix(loss=f"{(total / count.clamp(min=1)).item():.4f}")
             if self.time_is_up():
                 break
-        return total.item() / max(count, 1)
+        if count.item() == 0:
+            raise NonFiniteLossError(f"Every training loss of epoch {self.epoch + 1} was NaN or infinite. "
+                                     f"Try a lower -lr, or -mixed_precision False.")
+        return (total / count).item()
+
+    def check_finite(self, loss: torch.Tensor, iteration: int) -> None:
+        """Stop on a NaN or infinite loss. Under DDP every process learns of it, so all stop
+        together here instead of the others waiting for it in backward()."""
+        value = loss.item()                              # (a CPU-GPU sync point)
+        if any_process(not math.isfinite(value), self.place):
+            where = f"{value}" if not math.isfinite(value) else "NaN or infinite in another process"
+            raise NonFiniteLossError(f"The training loss became {where} at epoch {self.epoch + 1}, "
+                                     f"iteration {iteration}. Try a lower -lr, or -mixed_precision False.")
 
     def validate(self) -> dict:
         return evaluate(self.network, self.val_cases, self.device, self.autocast,
@@ -258,8 +282,8 @@ class Trainer:
             "progress_frames": self.progress_frames,
             "config": self.config.to_dict(),
             **self.run_info,
-            "rng": {"processes": gather(rng_states(), self.place), "sampler": sampler.state_dict(),
-                    "loader": self.train_loader.generator.get_state()},
+            "rng": {"processes": gather(rng_states(), self.place), "device": self.device.type,
+                    "sampler": sampler.state_dict(), "loader": self.train_loader.generator.get_state()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,15 +291,23 @@ class Trainer:
         self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # (Otherwise the run was saved without fp16, e.g. on a CPU, and continues with a fresh
+        # scaler; or it continues without fp16, where the scaler is off.)
         self.epoch = state["epoch"]
         self.best_metric = state["best_metric"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.minutes_before = state["minutes_trained"]
         self.history = list(state["history"])
         self.progress_frames = list(state["progress_frames"])
-        # Each process continues its own random stream (when the process count is unchanged).
-        processes = state["rng"]["processes"]
-        set_rng_states(processes[self.place.rank] if len(processes) == self.place.world_size else processes[0])
         self.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
         self.train_loader.generator.set_state(state["rng"]["loader"])
+        # Each process continues its own random stream when the processes and device are the same.
+        processes, saved_on = state["rng"]["processes"], state["rng"].get("device", self.device.type)
+        if len(processes) == self.place.world_size:
+            set_rng_states(processes[self.place.rank])
+        if len(processes) != self.place.world_size or saved_on != self.device.type:
+            self.say(f"Note: this run was saved by {len(processes)} process(es) on {saved_on} and continues "
+                     f"with {self.place.world_size} on {self.device.type}, so its random streams (and "
+                     f"arithmetic) differ from an uninterrupted run's: the result is equivalent, not identical.")
