@@ -12,9 +12,10 @@ import main as entry
 from conftest import ROOT, TINY, write_task
 from utils.checkpoint import load_checkpoint
 from utils.data_class import load_cases, read_task
+from utils import sampling
 from utils.sampling import EvenSampler
 from utils.evaluation import autocast_for, evaluate
-from utils.model import build_model
+from utils.model import build_model, last_layer
 
 
 @pytest.mark.parametrize("n, batch, Nit", [(20, 3, 4), (20, 4, 5), (9, 2, 7), (7, 4, 3)])
@@ -27,13 +28,38 @@ def test_ranks_draw_disjoint_cases_and_cover_evenly(n, batch, Nit):
         per_rank = [list(iter(s)) for s in samplers]
         assert all(len(indices) == len(s) == Nit * batch for indices, s in zip(per_rank, samplers))
         for step in range(Nit):
-            batches = [set(indices[step * batch:(step + 1) * batch]) for indices in per_rank]
+            batches = [indices[step * batch:(step + 1) * batch] for indices in per_rank]
             if n >= batch * world:
-                assert not batches[0] & batches[1], f"epoch {epoch} step {step}: a case on both ranks"
+                where = f"epoch {epoch} step {step}"
+                assert not set(batches[0]) & set(batches[1]), f"{where}: a case on both ranks"
+                assert all(len(set(cases)) == batch for cases in batches), f"{where}: a case twice on a rank"
         counts = Counter(per_rank[0] + per_rank[1])
         assert max(counts.get(i, 0) for i in range(n)) - min(counts.get(i, 0) for i in range(n)) <= 1
         totals.update(counts)
     assert max(totals.values()) - min(totals.get(i, 0) for i in range(n)) <= 1
+
+
+@pytest.mark.parametrize("Nit", [250, 251])
+def test_a_global_batch_larger_than_the_training_set_keeps_the_draws(monkeypatch, Nit):
+    # 100 cases, 2 x 64 per step: repeats within a step can't be avoided. The ranks together must
+    # still draw exactly what was drawn (even counts), each case at most ceil(128 / 100) = 2 times
+    # a step. (The former swapping took minutes per epoch here.)
+    n, batch, world = 100, 64, 2
+    samplers = [EvenSampler(n, Nit * batch * world, seed=5, batch_size=batch, rank=r, world_size=world)
+                for r in range(world)]
+    unspread = EvenSampler(n, Nit * batch * world, seed=5, batch_size=batch * world)
+    for epoch in range(3):
+        per_rank = [list(iter(s)) for s in samplers]
+        with monkeypatch.context() as patch:
+            patch.setattr(sampling, "spread_repeats", lambda indices, window: None)
+            drawn = list(iter(unspread))
+        counts = Counter(per_rank[0] + per_rank[1])
+        assert counts == Counter(drawn)
+        q = Nit * batch * world // n
+        assert set(counts.values()) <= {q, q + 1} and len(counts) == n
+        for step in range(Nit):
+            cases = [i for indices in per_rank for i in indices[step * batch:(step + 1) * batch]]
+            assert max(Counter(cases).values()) <= 2, f"epoch {epoch} step {step}"
 
 
 def free_port() -> int:
@@ -42,9 +68,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*options):
+def torchrun(*options, script=("main.py",)):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "main.py", *options],
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script, *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -84,14 +110,39 @@ def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
 
 def test_resume_and_fine_tune_under_torchrun(tmp_path):
     task = write_task(tmp_path / "data", n_cases=10)
-    run = tmp_path / "run"
-    common = ["-data_dir", str(task), *TINY, "-device", "cpu", "-train_val_ratio", "0.6"]
-    done = torchrun(*common, "-best_models_dir", str(run), "-fine_tune", "True", "-early_stopping", "1")
+    common = ["-data_dir", str(task), *TINY, "-train_val_ratio", "0.6", "-fine_tune", "True"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    done = torchrun(*common, "-best_models_dir", str(whole), "-epochs", "4")
     assert done.returncode == 0, done.stderr[-3000:]
+    # Both processes are killed (kill -9) at their 5th step, in epoch 3; then the run is resumed.
+    done = torchrun("kill_in_step", "5", *common, "-best_models_dir", str(run), "-epochs", "4",
+                    script=("tests/fault_runner.py",))
+    assert done.returncode != 0
     assert done.stdout.count("Fine-tuning the last layer only") == 1
-    done = torchrun("-best_models_dir", str(run), "-resume", "True", "-epochs", "4")
+    first = load_checkpoint(run / "last.pt")
+    assert first["epoch"] == 2
+    done = torchrun("-best_models_dir", str(run), "-resume", "True")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert load_checkpoint(run / "last.pt")["epoch"] >= 2
+    assert "Resuming" in done.stdout and "Note:" not in done.stdout          # same processes, same streams
+    after = load_checkpoint(run / "last.pt")
+    assert after["epoch"] == 4 and after["config"]["fine_tune"]
+    assert (run / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+    model = build_model(after["model_config"])
+    last = {f"{name}.{p}" for name, module in model.named_modules() if module is last_layer(model)
+            for p, _ in module.named_parameters()}
+    changed = {k for k in first["model"] if not torch.equal(first["model"][k], after["model"][k])}
+    assert changed == last                                                   # still only the last layer
+
+
+def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
+    task = write_task(tmp_path / "data", n_cases=10)
+    done = torchrun("nan_in_rank_1", "3", "-data_dir", str(task), *TINY, "-train_val_ratio", "0.6",
+                    "-best_models_dir", str(tmp_path / "run"), "-mixed_precision", "False",
+                    script=("tests/fault_runner.py",))
+    assert done.returncode != 0
+    assert done.stderr.count("error: The training loss became") == 2, done.stderr[-3000:]   # both processes
+    assert "NaN or infinite in another process at epoch 2, iteration 1" in done.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1      # the last good epoch is kept
 
 
 def test_a_prefixed_checkpoint_loads(tmp_path):

@@ -1,9 +1,11 @@
 """EvenSampler: exact epochs, even and equiprobable draws, carried-over permutations, state."""
+import math
 from collections import Counter
 
 import pytest
+import torch
 
-from utils.sampling import EvenSampler
+from utils.sampling import EvenSampler, spread_repeats
 
 
 def epoch_counts(sampler: EvenSampler, epochs: int) -> list[Counter]:
@@ -44,5 +46,58 @@ def test_sampler_state_round_trip():
     a = EvenSampler(9, 5, seed=0)
     list(a), list(a)
     b = EvenSampler(9, 5, seed=99)
+    b.load_state_dict(a.state_dict())
+    assert [list(a) for _ in range(4)] == [list(b) for _ in range(4)]
+
+
+def batches_of(indices: list[int], batch: int) -> list[list[int]]:
+    return [indices[first:first + batch] for first in range(0, len(indices), batch)]
+
+
+@pytest.mark.parametrize("n, batch, samples", [(10, 4, 28), (10, 10, 30), (9, 4, 20), (20, 7, 63),
+                                                (100, 64, 320), (7, 4, 17), (12, 5, 37), (5, 2, 2)])
+def test_single_process_batches_never_hold_a_case_twice(n, batch, samples):
+    # A batch spanning two permutations (or the last one and the extras) must not repeat a case,
+    # and keeping it out must not make the counts uneven. (7, 4, 17) and (12, 5, 37) end in a
+    # shorter batch.
+    sampler = EvenSampler(n, samples, seed=1, batch_size=batch)
+    total = Counter()
+    for epoch in range(40):
+        indices = list(iter(sampler))
+        for step, cases in enumerate(batches_of(indices, batch)):
+            assert len(set(cases)) == len(cases), f"epoch {epoch} step {step}: {sorted(cases)}"
+        counts = Counter(indices)
+        per_case = [counts.get(i, 0) for i in range(n)]
+        assert sum(per_case) == samples and max(per_case) - min(per_case) <= 1
+        total.update(counts)
+    assert max(total.values()) - min(total.get(i, 0) for i in range(n)) <= 1
+
+
+@pytest.mark.parametrize("n, window", [(10, 4), (10, 10), (30, 7), (5, 12), (3, 8)])
+def test_spread_repeats_keeps_the_draws_and_caps_each_case_per_window(n, window):
+    generator = torch.Generator().manual_seed(0)
+    drawn = [i for _ in range(40) for i in torch.randperm(n, generator=generator).tolist()]
+    drawn += torch.randperm(n, generator=generator).tolist()[:n // 2]   # the extras
+    spread = list(drawn)
+    spread_repeats(spread, window)
+    assert Counter(spread) == Counter(drawn)
+    cap = math.ceil(window / n)          # 1 whenever the window is not larger than the cases
+    assert all(max(Counter(cases).values()) <= cap for cases in batches_of(spread, window))
+
+
+def test_spread_repeats_moves_only_what_it_must():
+    indices = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    spread_repeats(indices, 3)
+    assert indices == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    indices = [0, 1, 2, 2, 1, 0]         # batches [0, 1] [2, 2] [1, 0]: the second 2 waits a batch
+    spread_repeats(indices, 2)
+    assert indices == [0, 1, 2, 1, 2, 0]
+
+
+def test_sampler_state_round_trip_with_batches():
+    # The reordering depends on the drawn cases alone, so a resumed sampler draws the same batches.
+    a = EvenSampler(9, 20, seed=0, batch_size=4)
+    list(a), list(a)
+    b = EvenSampler(9, 20, seed=99, batch_size=4)
     b.load_state_dict(a.state_dict())
     assert [list(a) for _ in range(4)] == [list(b) for _ in range(4)]

@@ -2,6 +2,8 @@
 likely, the same sequence on every DDP process, and no case twice in one batch."""
 from __future__ import annotations
 
+from collections import Counter, defaultdict, deque
+
 import torch
 from torch.utils.data import Sampler
 
@@ -14,6 +16,9 @@ class EvenSampler(Sampler[int]):
     random permutations that carries over from epoch to epoch, so every case gets its extra turn
     before any case gets a second one: no case is starved, and within an epoch no case is drawn
     more than once more than any other.
+
+    The epoch is then reordered (`spread_repeats`) so that no batch holds a case twice where a
+    batch spans two permutations, as long as the batch is not larger than the training set.
 
     Under DDP every process draws the same global sequence (same seed) and keeps its own slice of
     each global batch of batch_size * world_size samples, so the processes together follow the
@@ -52,8 +57,7 @@ class EvenSampler(Sampler[int]):
         """The whole epoch's global sequence of case indices."""
         passes, extra = divmod(self.samples_per_epoch, self.n)
         indices = [i for _ in range(passes) for i in self._permutation()] + self._extras(extra)
-        if self.world_size > 1:
-            spread_repeats(indices, self.batch_size * self.world_size)
+        spread_repeats(indices, self.batch_size * self.world_size)
         return indices
 
     def __iter__(self):
@@ -73,21 +77,98 @@ class EvenSampler(Sampler[int]):
 
 def spread_repeats(indices: list[int], window: int) -> None:
     """Reorder `indices` in place so that no window of `window` consecutive entries (one global
-    batch) holds a case twice, by swapping each repeat with an entry of another window that can
-    take it. The multiset is kept, so the per-epoch counts don't change."""
-    def window_of(position: int) -> range:
-        first = position - position % window
-        return range(first, min(first + window, len(indices)))
+    batch) holds a case more than cap = ceil(window / number of cases) times: never twice when the
+    batch is not larger than the training set.
 
-    for first in range(0, len(indices), window):
-        here = window_of(first)
-        for position in here:
-            value = indices[position]
-            if [indices[p] for p in here].count(value) == 1:
-                continue
-            # Later windows first, so the ones already checked stay as they are where possible.
-            for other in [*range(here.stop, len(indices)), *range(0, here.start)]:
-                there = window_of(other)
-                if indices[other] not in [indices[p] for p in here] and value not in [indices[p] for p in there]:
-                    indices[position], indices[other] = indices[other], value
-                    break
+    The windows are filled one after the other. First, a case with more copies waiting than the
+    later windows can take (`cap` each) puts its earliest excess copies into this window. Then the
+    window takes the earliest waiting entries whose case it doesn't hold `cap` times yet; an entry
+    passed over keeps its place in the line for the next window.
+
+    Why each window fills up within the cap. With m equal windows to go, some order keeps the cap
+    as long as no case has more than m * cap copies waiting (list the copies case by case and deal
+    them round-robin over the m windows). EvenSampler's epochs start that way: at most
+    ceil(len / n) copies of each of n cases, and len / window windows take cap * len / window >=
+    len / n copies of a case. That order's first window holds every excess copy (the later windows
+    can't) and is full, so the excess copies fit and there are enough others to fill the window;
+    afterwards no case has more copies waiting than the m - 1 windows left can take. A shorter
+    last batch is filled first, working from the end, so that only equal windows follow it; with
+    EvenSampler's counts and a cap of 1 an order keeping the cap exists then too (only the cases
+    drawn once more than the others can need every window, and there are no more of them than
+    entries in the shorter batch).
+
+    Every entry is placed exactly once, in one pass over the windows, so the loop ends and the
+    multiset, and with it the per-epoch counts, is unchanged. An order that already keeps the cap
+    comes out as it went in, and the result depends on `indices` alone, so a resumed sampler draws
+    what an uninterrupted one does. Work: O(len(indices)) plus the entries passed over again.
+    """
+    if len(indices) <= window or window <= 1:
+        return                              # one window, or windows of one: nothing to do
+    full, short = divmod(len(indices), window)
+    if short:                               # the shorter last batch goes first (see above)
+        backwards = indices[::-1]
+        _fill_windows(backwards, [short] + [window] * full)
+        indices[:] = backwards[::-1]
+    else:
+        _fill_windows(indices, [window] * full)
+
+
+def _fill_windows(indices: list[int], sizes: list[int]) -> None:
+    """`spread_repeats` for consecutive windows of `sizes` (all equal but perhaps the first)."""
+    cap = -(-max(sizes) // len(set(indices)))
+    waiting_copies: dict[int, deque[int]] = defaultdict(deque)  # case -> its unplaced positions
+    for position, case in enumerate(indices):
+        waiting_copies[case].append(position)
+    cases_with = defaultdict(set)           # k -> the cases with k copies waiting
+    for case, positions in waiting_copies.items():
+        cases_with[len(positions)].add(case)
+    most = max(cases_with)                  # the most copies any case has waiting
+    placed = [False] * len(indices)
+    passed_over: list[int] = []             # positions earlier windows skipped, in order
+    scanned = 0                             # positions from here on haven't been looked at
+    chosen: list[int] = []                  # the current window's positions
+    taken: Counter = Counter()              # the current window's cases
+    result: list[int] = []
+
+    def place(case: int) -> None:
+        nonlocal most
+        copies = len(waiting_copies[case])
+        position = waiting_copies[case].popleft()    # always the case's earliest waiting copy
+        cases_with[copies].remove(case)
+        cases_with[copies - 1].add(case)
+        while most and not cases_with[most]:
+            most -= 1
+        placed[position] = True
+        chosen.append(position)
+        taken[case] += 1
+
+    for later, size in zip(range(len(sizes) - 1, -1, -1), sizes):
+        room = cap * later                  # copies of one case the later windows can take
+        chosen.clear()
+        taken.clear()
+        for copies in range(most, room, -1):    # cases with copies the later windows can't take
+            for case in sorted(cases_with[copies]):
+                for _ in range(min(copies - room, size - len(chosen))):
+                    place(case)
+        skipped = []
+        for position in passed_over:
+            if not placed[position]:
+                if len(chosen) < size and taken[indices[position]] < cap:
+                    place(indices[position])
+                else:
+                    skipped.append(position)
+        while len(chosen) < size and scanned < len(indices):
+            position, scanned = scanned, scanned + 1
+            if not placed[position]:
+                if taken[indices[position]] < cap:
+                    place(indices[position])
+                else:
+                    skipped.append(position)
+        for position in skipped:            # only when no order keeps the cap
+            if len(chosen) == size:
+                break
+            if not placed[position]:
+                place(indices[position])
+        passed_over = [position for position in skipped if not placed[position]]
+        result += [indices[position] for position in sorted(chosen)]
+    indices[:] = result
