@@ -66,3 +66,19 @@ def fp16_on_cpu(monkeypatch):
 @pytest.fixture
 def task_dir(tmp_path: Path) -> Path:
     return write_task(tmp_path / "data")
+
+
+def interrupt_validation(monkeypatch, at_call: int) -> None:
+    """Make Trainer.validate raise KeyboardInterrupt (Ctrl-C) at its `at_call`-th call; undo it
+    with monkeypatch.undo()."""
+    from utils.trainer_class import Trainer
+    original, calls = Trainer.validate, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupted)
+

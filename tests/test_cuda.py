@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import main as entry
-from conftest import TINY, synthetic_case
+from conftest import TINY, interrupt_validation, synthetic_case
 from utils.checkpoint import load_checkpoint
-from utils.trainer_class import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ON_GPU = [*TINY, "-device", "cuda", "-mixed_precision", "True"]      # the last -device wins
@@ -32,17 +31,9 @@ def test_fp16_training_uses_an_enabled_grad_scaler(task_dir, tmp_path):
 
 def test_an_interrupted_gpu_run_resumes_on_the_gpu(task_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    original, calls = Trainer.validate, []
-
-    def interrupt_in_epoch_two(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "validate", interrupt_in_epoch_two)
+    interrupt_validation(monkeypatch, at_call=2)                  # Ctrl-C in epoch two
     assert train(task_dir, run, "-epochs", "3") == 130
-    monkeypatch.setattr(Trainer, "validate", original)
+    monkeypatch.undo()
     assert entry.main(["-best_models_dir", str(run), "-resume", "True"]) == 0
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
 

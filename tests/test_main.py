@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main as entry
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, interrupt_validation
 from utils.checkpoint import load_checkpoint
 from utils.model import build_model, last_layer
 from utils.trainer_class import Trainer
@@ -37,20 +37,11 @@ def test_interrupted_run_resumes_to_the_same_result(task_dir, tmp_path, monkeypa
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_main(task_dir, whole, "-epochs", "3") == 0
 
-    original = Trainer.validate
-    calls = []
-
-    def interrupt_in_epoch_two(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "validate", interrupt_in_epoch_two)
+    interrupt_validation(monkeypatch, at_call=2)                  # Ctrl-C in epoch two
     assert run_main(task_dir, parts, "-epochs", "3") == 130
     assert "-resume True" in capsys.readouterr().err
     assert load_checkpoint(parts / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(Trainer, "validate", original)
+    monkeypatch.undo()
 
     assert entry.main(["-best_models_dir", str(parts), "-resume", "True"]) == 0
     assert metrics(parts) == metrics(whole)
