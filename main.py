@@ -17,12 +17,12 @@ import torch
 
 from utils.args import Config, explicit_options, for_device, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
-from utils.data_class import Preprocessing, load_cases, read_task, split_cases, train_loader
-from utils.download import locate_task
+from utils.data_class import Preprocessing, load_cases, split_cases, train_loader
 from utils.distributed import Place, start, stop, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
+from utils.layouts import read_data
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
 from utils.prediction import predict_files
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
@@ -64,7 +64,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
                         f"Choose a folder you can write to.") from None
 
     # Data
-    info = read_task(locate_task(config.data_dir, config.task, config.google_id))
+    info = read_data(config.data_dir, config.task, config.google_id, config.label_names)
     architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
     cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=place.is_main)
     if resume_state is not None:
@@ -73,7 +73,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
             raise UserError(f"The data in {info.task_dir} preprocesses differently from the run being "
                             f"resumed. Use the same -data_dir as that run.")
     else:
-        split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
+        split = split_cases(cases.ids, config.train_val_ratio, config.random_seed, info.split)
     train_cases, val_cases = cases.subset(split["train"]), cases.subset(split["val"])
     if config.batch_size > len(train_cases):
         say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
@@ -144,8 +144,9 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
     post-processing; write a per-case CSV and a summary next to the checkpoint."""
     device = choose_device(config.device)
     model, state, path = trained_model(config, device)
-    data_dir = explicit_options(argv).get("data_dir", state["config"]["data_dir"])
-    info = read_task(locate_task(data_dir, config.task, config.google_id))
+    # The run's data, as it read it, unless this command line names other data.
+    data = {"label_names": None, **state["config"], **explicit_options(argv)}
+    info = read_data(data["data_dir"], config.task, config.google_id, data["label_names"])
     if info.num_classes != state["model_config"]["out_channels"]:
         raise CheckpointError(f"{path} predicts {state['model_config']['out_channels']} classes but "
                               f"{info.task_dir} has {info.num_classes}. Use a checkpoint of this task.")

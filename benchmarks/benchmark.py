@@ -76,7 +76,8 @@ class Tutorial:
 def tutorial_pipeline(config) -> Tutorial:
     from monai.losses import DiceLoss
 
-    from utils.data_class import read_task, split_cases, case_id
+    from utils.data_class import split_cases
+    from utils.layouts import case_id, read_task
     from utils.model import build_model, model_config
 
     info = read_task(config.data_dir)
@@ -112,7 +113,8 @@ def reference(config, iterations: int, warmup: int) -> float:
 
 def project_trainer(config, Nit: int):
     """This project's Trainer, wired exactly as main.py wires it."""
-    from utils.data_class import load_cases, read_task, split_cases, train_loader
+    from utils.data_class import load_cases, split_cases, train_loader
+    from utils.layouts import read_task
     from utils.environment import seed_everything
     from utils.model import build_model, downsampling_factor, model_config
     from utils.trainer_class import Trainer, make_loss, make_optimizer, memory_format

@@ -63,6 +63,8 @@ def test_batch_size_depends_on_the_device_unless_given():
     (["-weight_decay", "nan"], "0 or more"),
     (["-random_seed", "-1"], "outside 0 to 2**32 - 1"),
     (["-max_minutes", "inf"], "finite"),
+    (["-label_names", "background"], "at least 2 names"),
+    (["-label_names", "background", "a", "a"], "names a class twice"),
 ])
 def test_bad_values_get_a_sentence(argv, message, capsys):
     error = usage_error(argv, capsys)
@@ -74,8 +76,17 @@ def test_missing_checkpoint_file(tmp_path, capsys):
 
 
 def test_none_words():
-    c = parse_args(["-Nit", "None", "-early_stopping", "none", "-train_from_checkpoint", "None"])
+    c = parse_args(["-Nit", "None", "-early_stopping", "none", "-train_from_checkpoint", "None",
+                    "-label_names", "None"])
     assert c.Nit is None and c.early_stopping is None and c.train_from_checkpoint is None
+    assert c.label_names is None
+
+
+def test_label_names_are_a_list():
+    assert parse_args(["-label_names", "background", "anterior", "posterior"]).label_names == [
+        "background", "anterior", "posterior"]
+    assert config_from_dict({"label_names": ["bg", "fg"]}).label_names == ["bg", "fg"]
+    assert config_from_dict({"label_names": None}).label_names is None
 
 
 def test_every_option_has_help_with_its_default():
@@ -110,7 +121,7 @@ BAD_VALUES = {
     "-lr": "nan", "-momentum": "1.5", "-weight_decay": "-1e-5", "-early_stopping": "0",
     "-max_minutes": "-5", "-random_seed": "4294967296", "-patch_size": "0", "-channels": "-16",
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
-    "-device": "gpu", "-evaluate_split": "test",
+    "-device": "gpu", "-evaluate_split": "test", "-label_names": "background",
 }
 FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir"}
 

@@ -7,7 +7,8 @@ import torch
 import torchio as tio
 
 from conftest import write_task
-from utils.data_class import load_cases, load_pair, prediction_window, read_task, shape_for, split_cases, train_loader
+from utils.data_class import load_cases, load_pair, prediction_window, shape_for, split_cases, train_loader
+from utils.layouts import read_task
 from utils.errors import DataError
 
 

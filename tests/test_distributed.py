@@ -11,7 +11,8 @@ import torch
 import main as entry
 from conftest import ROOT, TINY, write_task
 from utils.checkpoint import load_checkpoint
-from utils.data_class import load_cases, read_task
+from utils.data_class import load_cases
+from utils.layouts import read_task
 from utils import sampling
 from utils.sampling import EvenSampler
 from utils.evaluation import autocast_for, evaluate

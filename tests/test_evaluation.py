@@ -14,7 +14,8 @@ import main as entry
 import utils.evaluation
 from conftest import TINY, write_task
 from utils.checkpoint import load_checkpoint
-from utils.data_class import Preprocessing, load_cases, read_task
+from utils.data_class import Preprocessing, load_cases
+from utils.layouts import read_task
 from utils.evaluation import (CaseMetrics, autocast_for, evaluate, keep_largest_component, label_map,
                               predict_logits, summarise)
 from utils.model import build_model, downsampling_factor

@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Google Drive id of the task archive")
     data.add_argument("-data_dir", type=str, default="data",
                       help="where the data is, or goes: an extracted task folder, the task's .tar, "
-                           "or a folder to download into")
+                           "a CSV list (columns image,label and optionally split), a folder with "
+                           "imagesTr/ and labelsTr/ of matching file names, or a folder to download into")
+    data.add_argument("-label_names", type=str, nargs="+", default=None, metavar="NAME",
+                      help="class names, one per label value 0, 1, ..., background first (default: "
+                           "dataset.json's, else background class_1 class_2 ... for the values in the "
+                           "label files)")
     data.add_argument("-train_val_ratio", type=open_ratio, default=0.8,
                       help="fraction of labelled cases used for training")
     data.add_argument("-num_workers", type=non_negative_int, default=0,
@@ -171,6 +176,7 @@ class Config:
     task: str
     google_id: str
     data_dir: str
+    label_names: list[str] | None
     train_val_ratio: float
     num_workers: int
     batch_size: int | None               # None until `for_device` fills in the device's default
@@ -213,6 +219,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         return config_from_file(namespace.config, argv)
     if len(namespace.channels) < 2:
         parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
+    if namespace.label_names is not None:
+        names = namespace.label_names
+        if [name.lower() for name in names] == ["none"]:
+            namespace.label_names = None
+        elif len(names) < 2:
+            parser.error(f"-label_names needs at least 2 names, background first and then one per "
+                         f"class, got {names}")
+        elif len(set(names)) < len(names):
+            parser.error(f"-label_names names a class twice: {names}")
     if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
         namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
     return Config(**vars(namespace))

@@ -1,14 +1,14 @@
-"""Get, check, preprocess, split, sample and load the task's data.
+"""Check, preprocess, split, sample and load the task's data.
 
 One batch, from disk to the loader:
-  dataset.json -> read and check each (image, label) pair -> preprocess once (canonical
-  orientation, per-volume z-score, crop/pad to one shape) -> tensors in memory -> seeded split
+  a TaskInfo (utils/layouts.py: from dataset.json, a CSV list or a plain folder) -> read and
+  check each (image, label) pair -> preprocess once (canonical orientation, per-volume z-score,
+  crop/pad to one shape) -> tensors in memory -> seeded split (or the CSV list's own)
   -> EvenSampler (Nit iterations per epoch) -> batches, randomly cropped and augmented.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -20,61 +20,9 @@ from tqdm import tqdm
 
 from utils.augmentation import BatchAugmentation
 from utils.errors import DataError
+from utils.layouts import TaskInfo
 from utils.sampling import EvenSampler
 from utils.scans import ScanError, read_scan
-
-
-@dataclasses.dataclass
-class TaskInfo:
-    """What dataset.json says about the task."""
-    task_dir: Path
-    label_names: dict[int, str]          # {0: "background", 1: "Anterior", 2: "Posterior"}
-    in_channels: int                     # number of modalities
-    pairs: list[tuple[Path, Path]]       # (image, label) of every labelled case
-    test_images: list[Path]              # unlabelled images (imagesTs), may be empty
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    @property
-    def foreground_names(self) -> list[str]:
-        return [name for value, name in sorted(self.label_names.items()) if value != 0]
-
-
-def case_id(path: Path) -> str:
-    """'imagesTr/hippocampus_001.nii.gz' -> 'hippocampus_001'."""
-    return path.name.split(".")[0]
-
-
-def read_task(task_dir: str | Path) -> TaskInfo:
-    """Read dataset.json and check that every file it lists exists."""
-    task_dir = Path(task_dir)
-    meta_path = task_dir / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        label_names = {int(value): str(name) for value, name in meta["labels"].items()}
-        in_channels = len(meta["modality"])
-        pairs = [(task_dir / item["image"], task_dir / item["label"]) for item in meta["training"]]
-        test_images = [task_dir / item for item in meta.get("test", [])]
-    except FileNotFoundError:
-        raise DataError(f"{meta_path} does not exist. -data_dir must point to an MSD task folder "
-                        f"(the one holding dataset.json, imagesTr/ and labelsTr/) or its .tar.") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DataError(f"{meta_path} is malformed ({type(error).__name__}: {error}). It must be JSON "
-                        f"with 'labels', 'modality' and 'training' entries as in the MSD archives; "
-                        f"restore it from the original archive.") from None
-    if sorted(label_names) != list(range(len(label_names))) or len(label_names) < 2:
-        raise DataError(f"{meta_path} declares labels {sorted(label_names)}; they must be 0, 1, ... "
-                        f"with 0 for background and at least one foreground class.")
-    if not pairs:
-        raise DataError(f"{meta_path} lists no training cases.")
-    for image, label in pairs:
-        for path in (image, label):
-            if not path.is_file():
-                raise DataError(f"{path} is listed in {meta_path} but does not exist. Restore it from "
-                                f"the archive, or remove its entry from dataset.json.")
-    return TaskInfo(task_dir, label_names, in_channels, pairs, [p for p in test_images if p.is_file()])
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -150,8 +98,9 @@ def load_pair(image_path: Path, label_path: Path, label_values: set[int]) -> tio
                         f"in space):\n{image.affine}\nvs\n{label.affine}")
     found = set(torch.unique(label.data).tolist())
     if not found <= label_values:
-        raise DataError(f"{label_path} holds label values {sorted(found - label_values)} that "
-                        f"dataset.json does not declare (it declares {sorted(label_values)}).")
+        raise DataError(f"{label_path} holds label values {sorted(found - label_values)} that are not "
+                        f"declared (the classes are {sorted(label_values)}, named by dataset.json or "
+                        f"-label_names).")
     return tio.ToCanonical()(subject)
 
 
@@ -202,7 +151,7 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
     normalise_and_pad = tio.Compose(preprocessing.transform().transforms[1:])
     done = [normalise_and_pad(s) for s in subjects]
     cases = Cases(
-        ids=[case_id(image) for image, _ in info.pairs],
+        ids=info.case_ids,
         images=torch.stack([d.image.data.float() for d in done]),
         labels=torch.stack([d.label.data.to(torch.uint8) for d in done]),
         native_labels=[s.label.data.to(torch.uint8) for s in subjects],
@@ -216,17 +165,35 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
 # ---------------------------------------------------------------- split
 
 
-def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int) -> dict[str, list[str]]:
-    """Seeded split into {'train': [...], 'val': [...]} case ids."""
-    n_train = round(len(ids) * train_val_ratio)
-    n_val = len(ids) - n_train
-    if n_val < 1 or n_train < n_val:
+def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int,
+                fixed: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Seeded split into {'train': [...], 'val': [...]} case ids.
+
+    `fixed` ({case id: 'train' or 'val'}, a CSV list's split column) puts those cases where it
+    says; the other cases are split by `train_val_ratio`.
+    """
+    fixed = fixed or {}
+    free = [case for case in ids if case not in fixed]
+    n_train = round(len(free) * train_val_ratio)
+    order = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed)).tolist()
+    split = {"train": [free[i] for i in order[:n_train]], "val": [free[i] for i in order[n_train:]]}
+    for case in ids:
+        if case in fixed:
+            split[fixed[case]].append(case)
+    n_val = len(split["val"])
+    if not fixed and (n_val < 1 or n_train < n_val):
         raise DataError(f"-train_val_ratio {train_val_ratio} with {len(ids)} cases gives {n_train} "
                         f"training and {n_val} validation cases; there must be at least one validation "
                         f"case and no more validation than training cases. Choose a ratio between "
                         f"0.5 and {1 - 1 / len(ids):.2f}" + (" or add cases." if len(ids) < 2 else "."))
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-    return {"train": sorted(ids[i] for i in order[:n_train]), "val": sorted(ids[i] for i in order[n_train:])}
+    if fixed and not (split["train"] and split["val"]):
+        marked = {name: sum(1 for s in fixed.values() if s == name) for name in ("train", "val")}
+        raise DataError(f"The split column marks {marked['train']} cases train and {marked['val']} val, "
+                        f"and -train_val_ratio {train_val_ratio} splits the {len(free)} unmarked ones into "
+                        f"{n_train} training and {len(free) - n_train} validation cases: that leaves no "
+                        f"{'training' if not split['train'] else 'validation'} case. Mark at least one "
+                        f"case of each, or leave more rows unmarked.")
+    return {name: sorted(cases) for name, cases in split.items()}
 
 
 # ---------------------------------------------------------------- loaders

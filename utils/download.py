@@ -141,13 +141,15 @@ def locate_task(data_dir: str | os.PathLike, task: str, google_id: str | None,
     """Return the folder holding the task's dataset.json, downloading or extracting as needed.
 
     `data_dir` may be the extracted task folder, the task's .tar, or a folder that holds (or will
-    hold) either of them.
+    hold) either of them. CSV lists and plain imagesTr/labelsTr folders never get here:
+    utils/layouts.py reads them before asking for an MSD task.
     """
     path = Path(data_dir)
     if path.is_file():
         if not tarfile.is_tarfile(path):
-            raise DataError(f"-data_dir {path} is a file but not a tar archive. Pass the task's .tar "
-                            f"or its extracted folder (the one with dataset.json).")
+            raise DataError(f"-data_dir {path} is a file but not a tar archive. Pass the task's .tar, "
+                            f"its extracted folder (the one with dataset.json), or a CSV list of "
+                            f"image,label paths (a file ending in .csv).")
         return extract_task(path, task)
     if is_task_folder(path):
         return path
@@ -161,7 +163,8 @@ def locate_task(data_dir: str | os.PathLike, task: str, google_id: str | None,
     if strangers:
         raise DataError(f"-data_dir {path} is not a task folder (it has no dataset.json) and holds other "
                         f"files ({', '.join(sorted(strangers)[:3])}...), so nothing is downloaded into it. "
-                        f"Point -data_dir at the folder holding dataset.json, at the task's .tar, or at "
+                        f"Point -data_dir at the folder holding dataset.json, at the task's .tar, at a "
+                        f"folder with imagesTr/ and labelsTr/, at a CSV list of image,label paths, or at "
                         f"a new or empty folder to download into.")
     if archive.is_file() and not (md5 or ARCHIVE_MD5.get(task)):
         return extract_task(archive, task)
