@@ -114,6 +114,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
 
     # Training
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
+                "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()}}
     trainer = Trainer(model, make_loss(), optimizer, loader, val_cases, config, run_dir, device,
                       info.foreground_names, run_info, place)
@@ -185,7 +186,8 @@ def predict(config: Config) -> int:
                              downsampling_factor(state["model_config"]), device,
                              autocast_for(device, config.mixed_precision),
                              state["model_config"]["in_channels"], state["model_config"]["out_channels"],
-                             postprocess=config.postprocess, mirror=config.tta)
+                             postprocess=config.postprocess, mirror=config.tta,
+                             training_extent_mm=state.get("training_extent_mm"))
     return 1 if failures else 0
 
 

@@ -53,6 +53,42 @@ def write_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task04_
     return task
 
 
+def two_channel_case(rng: np.random.Generator, shape: tuple[int, int, int]):
+    """A (X, Y, Z, 2) float32 image and its label: a T2-like channel (as `synthetic_case`) and an
+    ADC-like one in the thousands, darker in the anterior part and brighter in the posterior."""
+    t2, label = synthetic_case(rng, shape, as_uint8=False)
+    adc = 1500 - 400 * (label == 1) + 400 * (label == 2) + rng.normal(0, 60, shape)
+    return np.stack([t2, adc], axis=-1).astype(np.float32), label
+
+
+def write_two_channel_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task98_TwoChannels",
+                           affine: np.ndarray | None = None) -> Path:
+    """Write an MSD-layout task whose images are 4D, channels last, with two modalities."""
+    rng = np.random.default_rng(seed)
+    task = root / name
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    affine = np.eye(4) if affine is None else affine
+    training = []
+    for i in range(n_cases):
+        shape = tuple(int(s) for s in rng.integers([9, 11, 8], [13, 15, 12]))
+        image, label = two_channel_case(rng, shape)
+        case = f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), task / "imagesTr" / case)
+        nib.save(nib.Nifti1Image(label, affine), task / "labelsTr" / case)
+        training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
+    meta = {"name": "TwoChannels", "modality": {"0": "T2", "1": "ADC"},
+            "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+            "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
+    (task / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return task
+
+
+@pytest.fixture
+def two_channel_task(tmp_path: Path) -> Path:
+    return write_two_channel_task(tmp_path / "data")
+
+
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
     """Mixed precision as on a GPU (fp16 autocast with an enabled GradScaler), emulated on the CPU,

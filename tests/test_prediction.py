@@ -9,6 +9,7 @@ import torch
 
 import main as entry
 from conftest import TINY, synthetic_case, write_task
+from utils.checkpoint import load_checkpoint
 from utils.evaluation import CaseMetrics
 
 
@@ -170,3 +171,58 @@ def test_read_volume_gives_channels_first_data_and_the_files_affine(tmp_path):
         assert image.data.shape == (1, 11, 17, 9) and image.data.dtype == torch.float32
         assert torch.equal(image.data[0], torch.from_numpy(data.astype(np.float32)))
         assert np.array_equal(image.affine, nib.load(tmp_path / name).affine)   # as stored, exactly
+
+
+def test_a_scan_far_larger_than_the_training_volumes_is_predicted_with_a_warning(trained, tmp_path, capsys):
+    """A whole head given to a model trained on crops: the file is named, with its extent and the
+    training's, and what to do; it is still predicted."""
+    from utils.prediction import FIELD_OF_VIEW_FACTOR
+    _, checkpoint = trained
+    state = torch.load(checkpoint, weights_only=True)
+    target, extent = state["preprocessing"]["target_shape"], state["training_extent_mm"]   # extent <= target
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_side = int(FIELD_OF_VIEW_FACTOR * target[0]) + 6             # too long in x only, at 1 mm
+    scan(folder / "whole_head.nii.gz", shape=(long_side, 17, 9))
+    scan(folder / "coarse_voxels.nii.gz", affine=np.diag([5.0, 5.0, 5.0, 1.0]))   # few voxels, 5 mm each
+    scan(folder / "hippocampus_crop.nii.gz")                                        # (11, 17, 9) at 1 mm
+    code = entry.main(["-predict", str(folder), "-train_from_checkpoint", str(checkpoint),
+                       "-predictions_dir", str(tmp_path / "out")])
+    assert code == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["coarse_voxels.nii.gz", "hippocampus_crop.nii.gz",
+                                                    "whole_head.nii.gz"]
+    assert nib.load(tmp_path / "out" / "whole_head.nii.gz").shape == (long_side, 17, 9)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    training = " x ".join(f"{side:.0f}" for side in extent)
+    assert len(warnings) == 2
+    assert f"whole_head.nii.gz covers {long_side} x 17 x 9 mm" in warnings[1]
+    assert "coarse_voxels.nii.gz covers 55 x 85 x 45 mm" in warnings[0]
+    assert all(f"the {training} mm of the training volumes" in w and "crop the scan to the hippocampus "
+               "region first" in w for w in warnings)
+    assert not any("hippocampus_crop" in w for w in warnings)
+
+
+def test_the_extent_follows_the_canonical_axes_of_the_training_shape(tmp_path):
+    from utils.data_class import Preprocessing
+    from utils.prediction import extent_mm, field_of_view_warning, read_volume
+    scan(tmp_path / "odd.nii.gz", affine=ODD_AFFINE)           # voxel axes (11, 17, 9) run along y, x, z
+    image = read_volume(tmp_path / "odd.nii.gz", in_channels=1)
+    assert extent_mm(image) == pytest.approx((17 * 1.2, 11 * 0.9, 9 * 1.5))
+    # Taken in the file's own voxel order, (9.9, 20.4, 13.5) mm, the two verdicts would swap.
+    assert field_of_view_warning(tmp_path / "odd.nii.gz", image, Preprocessing((12, 6, 8))) is None
+    warning = field_of_view_warning(tmp_path / "odd.nii.gz", image, Preprocessing((6, 12, 8)))
+    assert warning and "covers 20 x 10 x 14 mm" in warning and "the 6 x 12 x 8 mm" in warning
+
+
+def test_a_model_trained_on_thick_slices_does_not_warn_about_scans_like_its_own(tmp_path, capsys):
+    task = write_task(tmp_path / "data", n_cases=6, affine=np.diag([1.0, 1.0, 5.0, 1.0]))
+    run = tmp_path / "run"
+    assert entry.main(["-data_dir", str(task), "-best_models_dir", str(run), *TINY, "-epochs", "1",
+                       "-train_val_ratio", "0.67"]) == 0
+    depths = [nib.load(path).shape[2] for path in sorted((task / "imagesTr").iterdir())]
+    assert load_checkpoint(run / "best.pt")["training_extent_mm"][2] == pytest.approx(5.0 * max(depths))
+    capsys.readouterr()
+    scan(tmp_path / "like_training.nii.gz", shape=(11, 13, 10), affine=np.diag([1.0, 1.0, 5.0, 1.0]))
+    assert entry.main(["-predict", str(tmp_path / "like_training.nii.gz"), "-train_from_checkpoint",
+                       str(run / "best.pt"), "-predictions_dir", str(tmp_path / "out")]) == 0
+    assert "warning:" not in capsys.readouterr().out

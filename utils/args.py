@@ -86,9 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
 
     data = p.add_argument_group("data")
-    data.add_argument("-task", type=str, default="Task04_Hippocampus", help="MSD task to download")
+    data.add_argument("-task", type=str, default="Task04_Hippocampus",
+                      help="Medical Segmentation Decathlon task to download when -data_dir does not "
+                           "hold it yet: Task01_BrainTumour ... Task10_Colon, fetched from MONAI's "
+                           "public mirror and checked with MONAI's md5")
     data.add_argument("-google_id", type=str, default="1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C",
-                      help="Google Drive id of the task archive")
+                      help="Google Drive id of the task's archive, tried before the mirror (default: "
+                           "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C, Task04_Hippocampus's archive, which is "
+                           "used only for Task04; other tasks go straight to the mirror unless you "
+                           "give another id)")
     data.add_argument("-data_dir", type=str, default="data",
                       help="where the data is, or goes: an extracted task folder, the task's .tar, "
                            "a CSV list (columns image,label and optionally split), a folder with "

@@ -19,6 +19,7 @@ class BatchAugmentation:
     (one grid_sample call, a few tensor ops) because TorchIO's per-sample transforms cost about
     8 ms a sample here, a third of a training step at batch 16 on a 2-core CPU (benchmarks/).
     Flips are left-right only: an anterior-posterior flip would swap the meaning of the labels.
+    The channels (modalities) of a sample share its crop, flip, rotation and brightness factor.
     """
     patch_size: Sequence[int] | None = None   # None: keep the whole volume; capped at its shape
     flip_probability: float = 0.5

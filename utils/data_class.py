@@ -2,9 +2,9 @@
 
 One batch, from disk to the loader:
   a TaskInfo (utils/layouts.py: from dataset.json, a CSV list or a plain folder) -> read and
-  check each (image, label) pair -> preprocess once (canonical orientation, per-volume z-score,
-  crop/pad to one shape) -> tensors in memory -> seeded split (or the CSV list's own)
-  -> EvenSampler (Nit iterations per epoch) -> batches, randomly cropped and augmented.
+  check each (image, label) pair -> preprocess once (canonical orientation, z-score of each
+  volume and channel, crop/pad to one shape) -> tensors in memory -> seeded split (or the CSV
+  list's own) -> EvenSampler (Nit iterations per epoch) -> batches, randomly cropped and augmented.
 """
 from __future__ import annotations
 
@@ -28,24 +28,47 @@ from utils.scans import ScanError, read_scan
 # ---------------------------------------------------------------- preprocessing
 
 
+class ChannelZNormalization(tio.ZNormalization):
+    """tio.ZNormalization applied to each channel of an image on its own.
+
+    TorchIO's ZNormalization takes one mean and one std over all the channels of an image, so a
+    modality stored in the thousands would swamp one stored in units beside it. nnU-Net z-scores
+    each MRI modality separately, and so does this. A one-channel image (Task04) is normalised
+    exactly as by tio.ZNormalization.
+    """
+
+    def apply_normalization(self, subject: tio.Subject, image_name: str, mask: torch.Tensor) -> None:
+        image = subject[image_name]
+        channels = []
+        for channel in range(image.num_channels):
+            channel_mask = mask[channel:channel + 1] if len(mask) > 1 else mask   # a label mask has one
+            standardized = self.znorm(image.data[channel:channel + 1], channel_mask)
+            if standardized is None:
+                raise RuntimeError(f"Standard deviation is 0 for masked values in channel {channel} of "
+                                   f'image "{image_name}" ({image.path})')
+            channels.append(standardized)
+        image.set_data(torch.cat(channels))
+
+
 @dataclasses.dataclass
 class Preprocessing:
     """Deterministic preprocessing, saved in checkpoints so that prediction repeats it exactly."""
     target_shape: tuple[int, int, int]
     orientation: str = "RAS"             # canonical orientation, as tio.ToCanonical
-    normalisation: str = "zscore"        # per volume, so uint8 and float files end up alike
+    normalisation: str = "zscore"        # per volume and channel, so uint8 and float files end up alike
 
     def transform(self, divisor: int | None = None) -> tio.Compose:
         """The preprocessing: crop or pad to `target_shape`. With `divisor` (prediction), pad only
         to the next multiple of it instead, so a volume is predicted with as little padding as the
         U-Net allows, as in validation (see `prediction_window`), and a larger one keeps its size."""
         # ZNormalization (not a fixed scale) because the files come as uint8 0-255 and as float32
-        # in the thousands. Padding with 0 pads with the volume's mean intensity.
+        # in the thousands; per channel, as nnU-Net does for MRI modalities (ChannelZNormalization).
+        # Padding with 0 pads with each channel's mean intensity.
         # The Compose copies its input once; its steps then work on that copy (copy=False), which
         # saves three deep copies a volume (6 % of -predict's time).
         size = (tio.CropOrPad(self.target_shape, copy=False) if divisor is None
                 else tio.EnsureShapeMultiple(divisor, copy=False))
-        return tio.Compose([tio.ToCanonical(copy=False), tio.ZNormalization(copy=False), size])
+        return tio.Compose([tio.ToCanonical(copy=False), ChannelZNormalization(copy=False), size])
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_shape": list(self.target_shape)}
@@ -104,6 +127,20 @@ def load_pair(image_path: Path, label_path: Path, label_values: set[int]) -> tio
     return tio.ToCanonical()(subject)
 
 
+def check_channels(image: Path, channels: int, info: TaskInfo, first_channels: int) -> None:
+    """Every image of a task has the same channels (modalities) as its first image, as many as
+    `info.in_channels` (dataset.json's 'modality', or the first image's header)."""
+    first = info.pairs[0][0]
+    counts = lambda n: f"{n} channel{'s' if n > 1 else ''} ({'3D' if n == 1 else '4D, channels last'})"
+    if channels != first_channels:
+        raise DataError(f"{image} has {counts(channels)} but {first} has {counts(first_channels)}. Every "
+                        f"image of a data set must hold the same modalities, in the same order; convert "
+                        f"or remove the odd case.")
+    if channels != info.in_channels:
+        raise DataError(f"{image} has {counts(channels)} but {info.task_dir / 'dataset.json'} declares "
+                        f"{info.in_channels} modalities. Make its 'modality' entry list one per channel.")
+
+
 @dataclasses.dataclass
 class Cases:
     """Preprocessed cases in memory. images (N, C, D, H, W) float32, labels (N, 1, D, H, W) uint8.
@@ -122,6 +159,12 @@ class Cases:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def extent_mm(self) -> list[float]:
+        """The largest physical size of any case along each canonical axis, in mm: what a model
+        trained on these cases has seen (-predict warns about scans far larger)."""
+        return [max(label.shape[1 + axis] * spacing[axis] for label, spacing in zip(self.native_labels, self.spacings))
+                for axis in range(3)]
 
     def subset(self, ids: Sequence[str]) -> "Cases":
         where = {case: i for i, case in enumerate(self.ids)}
@@ -143,9 +186,12 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
     checkpoint) is given.
     """
     label_values = set(info.label_names)
+    subjects = []
     # As a context manager the bar is closed (its line ended) if a case fails to load.
     with tqdm(info.pairs, desc="reading cases", disable=not progress) as pairs:
-        subjects = [load_pair(image, label, label_values) for image, label in pairs]
+        for image, label in pairs:
+            subjects.append(load_pair(image, label, label_values))
+            check_channels(image, subjects[-1].image.num_channels, info, subjects[0].image.num_channels)
     preprocessing = preprocessing or Preprocessing(shape_for([s.spatial_shape for s in subjects], divisor))
     # Orientation is already canonical; the remaining steps are normalise and crop/pad.
     normalise_and_pad = tio.Compose(preprocessing.transform().transforms[1:])

@@ -11,6 +11,7 @@ finished extraction.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tarfile
@@ -27,6 +28,8 @@ from utils.errors import DataError
 # MONAI keeps the public mirror address and md5 of every Decathlon task.
 MIRROR_URLS: dict[str, str] = DecathlonDataset.resource
 ARCHIVE_MD5: dict[str, str] = DecathlonDataset.md5
+# Google Drive copies, tried before the mirror. Only Task04's is known; -google_id defaults to it.
+GOOGLE_DRIVE_IDS: dict[str, str] = {"Task04_Hippocampus": "1RzPB1_bqzQhlWvU-YGvZzhx2omcDh38C"}
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 20
 
@@ -35,6 +38,24 @@ def offline_help(task: str) -> str:
     return (f"To use a copy you already have, get {task}.tar (from http://medicaldecathlon.com or "
             f"{MIRROR_URLS.get(task, 'the MSD mirror')}) on any machine with internet, then pass "
             f"-data_dir /path/to/{task}.tar, or -data_dir /path/to/{task} for the extracted folder.")
+
+
+def google_id_for(task: str, google_id: str | None) -> str | None:
+    """The Google Drive id to try for `task`: `google_id`, unless it is the known id of another
+    task (as -google_id's default, Task04's, is for every other task: its archive would fail their
+    md5); None means the task's own known id, if it has one. None: go straight to the mirror."""
+    if google_id is None or google_id in GOOGLE_DRIVE_IDS.values():
+        return GOOGLE_DRIVE_IDS.get(task)
+    return google_id
+
+
+def unknown_task_help(task: str) -> str:
+    close = difflib.get_close_matches(task, MIRROR_URLS, n=1, cutoff=0.8)
+    return (f"-task {task} is not a Medical Segmentation Decathlon task"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; the tasks that can be downloaded are {', '.join(sorted(MIRROR_URLS))}. For other data, "
+            f"point -data_dir at its folder (the one holding dataset.json), its .tar, a folder with "
+            f"imagesTr/ and labelsTr/, or a CSV list of image,label paths.")
 
 
 def download_url(url: str, dest: Path) -> None:
@@ -60,10 +81,14 @@ def download_archive(task: str, archive: Path, google_id: str | None,
                      mirror_url: str | None = None, md5: str | None = None) -> Path:
     """Make sure `archive` holds the task's .tar with the right md5, downloading it if needed.
 
-    Tries Google Drive (`google_id`) first, then `mirror_url` (default: the public MSD mirror).
+    Tries Google Drive first (`google_id`, as `google_id_for` decides), then `mirror_url` (default:
+    the task's public MSD mirror, with the md5 MONAI lists for it).
     """
+    if mirror_url is None and task not in MIRROR_URLS:
+        raise DataError(unknown_task_help(task))
     mirror_url = mirror_url or MIRROR_URLS.get(task)
     md5 = md5 or ARCHIVE_MD5.get(task)
+    google_id = google_id_for(task, google_id)
     if archive.is_file() and check_hash(archive, md5, "md5"):
         return archive
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +142,31 @@ def is_task_folder(path: Path) -> bool:
     return (path / "dataset.json").is_file()
 
 
+def folder_in_archive(archive: Path) -> str | None:
+    """Name of the folder holding dataset.json in `archive` (MSD archives hold `TaskNN_Name/`),
+    reading the entries' headers only; None if it cannot tell."""
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if (len(parts) == 2 and parts[1] == "dataset.json" and parts[0] not in ("/", ".", "..")
+                        and member.isfile()):
+                    return parts[0]
+    except (tarfile.TarError, EOFError, OSError):
+        pass            # extraction reports the damage
+    return None
+
+
 def extract_task(archive: Path, task: str) -> Path:
-    """Extract `archive` next to itself and return the task folder; reuse a finished extraction."""
+    """Extract `archive` next to itself and return the task folder, whatever its name; reuse a
+    finished extraction."""
     parent = archive.parent
     for name in (task, archive.name.split(".")[0]):
         if is_task_folder(parent / name):
             return parent / name
+    inside = folder_in_archive(archive)
+    if inside and is_task_folder(parent / inside):
+        return parent / inside
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=parent))
     try:
         safe_extract(archive, staging)
@@ -158,6 +202,8 @@ def locate_task(data_dir: str | os.PathLike, task: str, google_id: str | None,
     archive = path / f"{task}.tar"
     if path.exists() and not path.is_dir():
         raise DataError(f"-data_dir {path} is neither a folder nor a tar archive.")
+    if mirror_url is None and task not in MIRROR_URLS and not archive.is_file():
+        raise DataError(unknown_task_help(task))       # before a typo's folder is taken for foreign files
     ours = {archive.name, archive.name + ".part"}
     strangers = [p.name for p in path.iterdir() if p.name not in ours] if path.is_dir() else []
     if strangers:

@@ -20,8 +20,9 @@ VIEWS = ("sagittal", "coronal", "axial")
 
 
 def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
-    """The three orthogonal middle slices of a (1, D, H, W) or (D, H, W) volume."""
-    v = volume.reshape(volume.shape[-3:]).float().numpy()
+    """The three orthogonal middle slices of a (C, D, H, W) or (D, H, W) volume; of its first
+    channel (modality) when it has several."""
+    v = volume.reshape(-1, *volume.shape[-3:])[0].float().numpy()
     d, h, w = (s // 2 for s in v.shape)
     return [v[d].T, v[:, h].T, v[:, :, w].T]
 
@@ -67,7 +68,7 @@ def plot_predictions(images: torch.Tensor, truths: torch.Tensor, predictions: to
                      ids: Sequence[str], path: str | Path | None = None) -> Figure:
     """Orthogonal mid-slices of a few cases: ground truth (left) and prediction (right) overlaid.
 
-    images, truths, predictions: (N, 1, D, H, W).
+    images (N, C, D, H, W), of which the first channel is shown; truths, predictions (N, 1, D, H, W).
     """
     figure = Figure(figsize=(12, 2.2 * len(ids)), layout="constrained")
     axes = figure.subplots(len(ids), 6, squeeze=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import torch
@@ -21,6 +22,14 @@ from utils.evaluation import Autocast, keep_largest_component, label_map, predic
 from utils.scans import ScanError, read_scan
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# The model knows only what its training scans show; Task04's are boxes of at most 43 x 59 x 47 mm
+# around one hippocampus. A scan more than this many times larger on some axis (a whole head, say)
+# is mostly anatomy the model never saw, where its labels mean nothing. 2x leaves room for a
+# somewhat looser crop without a warning.
+FIELD_OF_VIEW_FACTOR = 2.0
+# Checkpoints keep the training scans' largest extent in mm ("training_extent_mm"); for one
+# written before they did, the training shape is read as voxels of Task04's spacing, 1 mm.
+TRAINING_SPACING_MM = 1.0
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -61,11 +70,36 @@ def read_volume(path: Path, in_channels: int) -> tio.ScalarImage:
     channels = image.num_channels
     shape = (*image.spatial_shape, channels) if channels > 1 else image.spatial_shape   # as stored
     if channels != in_channels:
-        raise ValueError(f"is {len(shape)}D with shape {shape}; the model needs a 3D volume"
-                         + (f" with {in_channels} channels" if in_channels > 1 else ""))
+        needed = "a 3D volume" if in_channels == 1 else f"a 4D volume with {in_channels} channels last"
+        raise ValueError(f"is {len(shape)}D with shape {shape}; the model needs {needed}")
     if min(image.spatial_shape) == 1:
         raise ValueError(f"is 2D: its shape {shape} is a single slice, not a 3D volume")
     return image
+
+
+def extent_mm(image: tio.Image) -> tuple[float, float, float]:
+    """The scan's physical size in mm along the canonical (RAS) axes, the order of the training
+    shape (the preprocessing reorients with ToCanonical before anything else)."""
+    world_axis = nib.io_orientation(image.affine)[:, 0].astype(int)    # voxel axis i runs along it
+    extent = [0.0, 0.0, 0.0]
+    for axis, size, spacing in zip(world_axis, image.spatial_shape, image.spacing):
+        extent[axis] = float(size * spacing)
+    return tuple(extent)
+
+
+def field_of_view_warning(file: Path, image: tio.Image, preprocessing: Preprocessing,
+                          training_extent_mm: Sequence[float] | None = None) -> str | None:
+    """A sentence for a scan far larger than the training volumes on some axis, else None."""
+    training = training_extent_mm or [side * TRAINING_SPACING_MM for side in preprocessing.target_shape]
+    scan = extent_mm(image)
+    if all(side <= FIELD_OF_VIEW_FACTOR * limit for side, limit in zip(scan, training)):
+        return None
+    mm = lambda sides: " x ".join(f"{side:.0f}" for side in sides)
+    return (f"warning: {file} covers {mm(scan)} mm, more than {FIELD_OF_VIEW_FACTOR:g}x the {mm(training)} "
+            f"mm of the training volumes. The model knows only what its training scans show (for Task04, "
+            f"a box around one hippocampus), so it is predicted, but its labels are not to be trusted: "
+            f"crop the scan to the hippocampus region first (3D Slicer's Crop Volume, or TorchIO's "
+            f"CropOrPad around a chosen centre; see the README) and predict the crop.")
 
 
 @torch.no_grad()
@@ -88,8 +122,10 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
 
 def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,
                   divisor: int, device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
-                  postprocess: bool = False, mirror: bool = False) -> list[tuple[Path, str]]:
-    """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures."""
+                  postprocess: bool = False, mirror: bool = False,
+                  training_extent_mm: Sequence[float] | None = None) -> list[tuple[Path, str]]:
+    """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures.
+    A scan far larger than `training_extent_mm` (the checkpoint's) is predicted with a warning."""
     files = input_files(path)
     out_dir = writable_folder(out_dir)
     failures: list[tuple[Path, str]] = []
@@ -101,6 +137,9 @@ def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, prepr
             failures.append((file, str(reason)))
             tqdm.write(f"skipped {file}: {reason}")
             continue
+        warning = field_of_view_warning(file, image, preprocessing, training_extent_mm)
+        if warning:
+            tqdm.write(warning)
         label = predict_volume(model, image, preprocessing, divisor, device, autocast, num_classes,
                                postprocess, mirror)
         nib.save(nib.Nifti1Image(label[0].numpy(), image.affine), out_dir / file.name)
