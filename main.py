@@ -115,7 +115,8 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     # Training
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
-                "label_names": {str(k): v for k, v in info.label_names.items()}}
+                "label_names": {str(k): v for k, v in info.label_names.items()},
+                "fingerprint": cases.fingerprint}      # spacings, shapes, intensities; target_spacing
     trainer = Trainer(model, make_loss(), optimizer, loader, val_cases, config, run_dir, device,
                       info.foreground_names, run_info, place)
     if resume_state is not None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from utils.augmentation import BatchAugmentation
 from utils.errors import DataError
+from utils.fingerprint import fingerprint
 from utils.layouts import TaskInfo
 from utils.sampling import EvenSampler
 from utils.scans import ScanError, read_scan
@@ -147,7 +148,8 @@ class Cases:
 
     `native_labels` and `uncrop` undo the crop/pad, so that metrics are computed on each case's
     own voxel grid rather than on the padded training tensor; `windows` say which part of the
-    padded volume validation predicts (`prediction_window`).
+    padded volume validation predicts (`prediction_window`). `fingerprint` (utils/fingerprint.py)
+    describes all the cases read, from their native images; a subset keeps none.
     """
     ids: list[str]
     images: torch.Tensor
@@ -156,6 +158,7 @@ class Cases:
     uncrop: list[tio.Transform]
     spacings: list[tuple[float, float, float]]     # mm per voxel of each native grid
     windows: list[tuple[slice, slice, slice]]
+    fingerprint: dict | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -204,6 +207,8 @@ def load_cases(info: TaskInfo, divisor: int, progress: bool = True,
         uncrop=[d.get_inverse_transform(warn=False) for d in done],
         spacings=[s.label.spacing for s in subjects],
         windows=[prediction_window(s.spatial_shape, preprocessing.target_shape, divisor) for s in subjects],
+        # Here, because the native intensities are gone once the cases are z-scored.
+        fingerprint=fingerprint(info.case_ids, subjects),
     )
     return cases, preprocessing
 
