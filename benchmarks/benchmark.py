@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import shlex
 import statistics
@@ -160,7 +161,8 @@ PARTS = {"a": ("reference (TorchIO tutorial pipeline, fp32, 2 workers)", referen
 
 
 def run_part(part: str, options: list[str], iterations: int, warmup: int) -> dict:
-    """One part in a fresh process, so that its peak memory is its own: {'it_per_s', 'peak_rss_mb'}."""
+    """One part in a fresh process, so that its peak memory is its own:
+    {'it_per_s', 'peak_rss_mb', 'load': the 1-minute load average at its end}."""
     done = subprocess.run([sys.executable, __file__, "--part", part, "--iterations", str(iterations),
                            "--warmup", str(warmup), *options], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -201,7 +203,7 @@ def main() -> None:
     if known.part:
         config = settings(main_options)
         rate = PARTS[known.part][1](config, known.iterations, known.warmup)
-        print(json.dumps({"it_per_s": rate, "peak_rss_mb": peak_rss_mb()}))
+        print(json.dumps({"it_per_s": rate, "peak_rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}))
         return
 
     # Each setting is a list of main.py options; with --compare, the second adds the compared ones.
@@ -212,14 +214,17 @@ def main() -> None:
         parts = ["b", "c"]
     rates = {(setup, part): [] for setup in setups for part in parts}
     memory = {key: 0.0 for key in rates}
+    loads = []                 # a part's own load is about 2 (3 for (a), with its loader workers)
     for round_ in range(known.rounds):
-        # The two settings take turns going first, so that neither always runs on a fresher machine.
+        # The two settings of a part run back to back, so that a burst of other work on the
+        # machine is less likely to hit one and not the other, and take turns going first.
         order = list(setups) if round_ % 2 == 0 else list(reversed(setups))
-        for setup in order:
-            for part in parts:
+        for part in parts:
+            for setup in order:
                 result = run_part(part, setups[setup], known.iterations, known.warmup)
                 rates[setup, part].append(result["it_per_s"])
                 memory[setup, part] = max(memory[setup, part], result["peak_rss_mb"])
+                loads.append(result["load"])
     for setup in setups:
         for part in parts:
             runs = rates[setup, part]
@@ -230,6 +235,7 @@ def main() -> None:
         label = f"[{setup}] " if setup else ""
         print(f"{label}{describe(settings(options))}, {known.iterations} timed iterations, "
               f"medians of {known.rounds} rounds")
+    print(f"1-minute load average after each part: {min(loads):.1f} to {max(loads):.1f}")
     if known.compare:
         print(f"base/compared, median of the per-round ratios: "
               f"(b) {median_ratio(rates['base', 'b'], rates['compared', 'b']):.2f} "
