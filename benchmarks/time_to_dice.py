@@ -12,11 +12,14 @@ feels. Here each pipeline trains for the same budget of training time, in its ow
     budget, given to it as -max_minutes; -mixed_precision as main.py would resolve it here).
 
 Both have the same model and batch size and are validated after every epoch on the same
-validation cases with the same `evaluate(...)` call as the Trainer's validation (with `-tta`
-mirroring), each on its own preprocessing and in the precision it trains in. Validation is not
-training: the clock, and with it (b)'s budget and learning rate, stops while validating. The
-table gives, for a few Dice thresholds, the training seconds each pipeline took to reach it
-first, and their ratio. Other options of main.py (e.g. -batch_size, -channels) change both.
+validation cases with the same `evaluate(...)` call as the Trainer's validation, each on its own
+preprocessing and in the precision it trains in, with and without test-time mirroring: (b)
+trains with left-right flips and mirrors by default (-tta), while (a) never sees a flipped image
+and loses about 0.1 mean Dice to mirroring, so it is compared as it would predict, unmirrored (the
+tables without and with mirroring for both are printed too). Validation is not training: the
+clock, and with it (b)'s budget and learning rate, stops while validating. The tables give, for a
+few Dice thresholds, the training seconds each pipeline took to reach it first, and their ratio.
+Other options of main.py (e.g. -batch_size, -channels) change both.
 """
 from __future__ import annotations
 
@@ -58,16 +61,16 @@ def tutorial_val_cases(tutorial) -> Cases:
                  windows=[whole_volume] * len(done))
 
 
-def mean_dice(model: torch.nn.Module, cases: Cases, autocast: Autocast, class_names: list[str],
-              mirror: bool) -> float:
-    """The Trainer's validation (`Trainer.validate`) without the loss: mean Dice over classes."""
-    metrics = evaluate(model, cases, torch.device("cpu"), autocast, class_names, mirror=mirror)
-    return metrics["dice"].mean().item()
+def validate(model: torch.nn.Module, cases: Cases, autocast: Autocast, class_names: list[str]) -> dict:
+    """The Trainer's validation (`Trainer.validate`, without the loss), with and without test-time
+    mirroring: {'mirrored': mean Dice, 'plain': mean Dice}."""
+    return {name: evaluate(model, cases, torch.device("cpu"), autocast, class_names, mirror=mirror)["dice"].mean().item()
+            for name, mirror in (("mirrored", True), ("plain", False))}
 
 
-def train_tutorial(config, seconds: float) -> list[tuple[float, float, float]]:
+def train_tutorial(config, seconds: float) -> list[dict]:
     """(a): epochs of the tutorial's loop until `seconds` of training, validated after each.
-    Returns [(training seconds, mean Dice, 1-minute load average)]."""
+    Returns [{'seconds': training seconds, 'mirrored', 'plain': mean Dice, 'load': 1-minute load}]."""
     seed_everything(config.random_seed)
     tutorial = tutorial_pipeline(config)
     val_cases = tutorial_val_cases(tutorial)
@@ -83,14 +86,14 @@ def train_tutorial(config, seconds: float) -> list[tuple[float, float, float]]:
             if trained + time.monotonic() - started >= seconds:
                 break
         trained += time.monotonic() - started
-        dice = mean_dice(tutorial.model, val_cases, fp32, tutorial.class_names, config.tta)
-        curve.append((trained, dice, os.getloadavg()[0]))
+        dice = validate(tutorial.model, val_cases, fp32, tutorial.class_names)
+        curve.append({"seconds": trained, **dice, "load": os.getloadavg()[0]})
     return curve
 
 
-def train_project(config, seconds: float) -> list[tuple[float, float, float]]:
+def train_project(config, seconds: float) -> list[dict]:
     """(b): Trainer.train_one_epoch, validated after each epoch, until `seconds` (config.max_minutes)
-    of training. Returns [(training seconds, mean Dice, 1-minute load average)]."""
+    of training. Returns [{'seconds', 'mirrored', 'plain', 'load'}] as `train_tutorial`."""
     trainer = project_trainer(config, Nit=config.Nit)
     curve = []
     while not trainer.time_is_up():
@@ -98,24 +101,27 @@ def train_project(config, seconds: float) -> list[tuple[float, float, float]]:
         trainer.epoch += 1
         trainer.scheduler.step()
         validating = time.monotonic()
-        dice = mean_dice(trainer.network, trainer.val_cases, trainer.autocast, trainer.class_names, config.tta)
+        dice = validate(trainer.network, trainer.val_cases, trainer.autocast, trainer.class_names)
         # The Trainer's clock (the budget, and the learning rate's decay) counts training only.
         trainer.started += time.monotonic() - validating
-        curve.append((trainer.minutes_trained() * 60, dice, os.getloadavg()[0]))
+        curve.append({"seconds": trainer.minutes_trained() * 60, **dice, "load": os.getloadavg()[0]})
     return curve
 
 
-def first_reached(curve: list[tuple[float, float, float]], threshold: float) -> float | None:
-    """Training seconds at the first validation with mean Dice >= threshold, or None."""
-    return next((seconds for seconds, dice, _ in curve if dice >= threshold), None)
+def first_reached(curve: list[dict], key: str, threshold: float) -> float | None:
+    """Training seconds at the first validation whose mean Dice (`key`: mirrored or plain) is
+    at least `threshold`, or None."""
+    return next((point["seconds"] for point in curve if point[key] >= threshold), None)
 
 
-def table(curves: dict[str, list[tuple[float, float, float]]]) -> list[str]:
-    best = {pipeline: max(dice for _, dice, _ in curve) for pipeline, curve in curves.items()}
+def table(curves: dict[str, list[dict]], keys: dict[str, str]) -> list[str]:
+    """Markdown rows: for each threshold, the seconds each pipeline took, and their ratio.
+    `keys` says which Dice of each pipeline counts: {'a': 'plain', 'b': 'mirrored'}, say."""
+    best = {p: max(point[keys[p]] for point in curve) for p, curve in curves.items()}
     slower = min(best, key=best.get)
     lines = ["| mean val Dice | (a) tutorial, s | (b) project, s | (a) / (b) |", "|---|---|---|---|"]
     for threshold in [*THRESHOLDS, best[slower]]:
-        times = [first_reached(curves[p], threshold) for p in "ab"]
+        times = [first_reached(curves[p], keys[p], threshold) for p in "ab"]
         ratio = f"{times[0] / times[1]:.1f}x" if None not in times else "-"
         name = f"{threshold:.2f}" if threshold in THRESHOLDS else f"{threshold:.4f} (best of ({slower}))"
         cells = [f"{t:.0f}" if t is not None else "not reached" for t in times]
@@ -142,7 +148,7 @@ def main() -> None:
     print(f"batch {config.batch_size}, channels {config.channels}, num_res_units {config.num_res_units}; "
           f"(b): patch {config.patch_size}, lr {config.lr}, momentum {config.momentum}, "
           f"{precision or torch.float32}, channels_last {config.channels_last}; budget {known.minutes:g} "
-          f"minutes of training each, validation after every epoch, mirroring {config.tta}", flush=True)
+          f"minutes of training each, validation after every epoch", flush=True)
     for round_ in range(known.rounds):
         curves = {}
         for pipeline in (known.order if round_ % 2 == 0 else known.order[::-1]):
@@ -153,13 +159,19 @@ def main() -> None:
             curves[pipeline] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"\nround {round_ + 1}")
         for pipeline, curve in sorted(curves.items()):
-            seconds, dice, _ = max(curve, key=lambda point: point[1])
-            loads = [load for _, _, load in curve]
+            loads = [point["load"] for point in curve]
             # A pipeline's own load is about 2 ((b): 2 threads) or 3 ((a): also 2 loader workers).
-            print(f"({pipeline}) {PIPELINES[pipeline]}: {len(curve)} epochs, best {dice:.4f} at {seconds:.0f} s; "
-                  f"1-minute load average {min(loads):.1f} to {max(loads):.1f}")
-            print("    " + ", ".join(f"{s:.0f} s {d:.3f}" for s, d, _ in curve))
-        print("\n".join(table(curves)), flush=True)
+            print(f"({pipeline}) {PIPELINES[pipeline]}: {len(curve)} epochs; 1-minute load average "
+                  f"{min(loads):.1f} to {max(loads):.1f}; seconds, mean Dice mirrored / plain:")
+            print("    " + ", ".join(f"{p['seconds']:.0f} {p['mirrored']:.3f}/{p['plain']:.3f}" for p in curve))
+        # (a) never trains with flips, so mirroring hurts it; (b) trains with them and mirrors by default.
+        own = "mirrored" if config.tta else "plain"
+        views = {f"each as it predicts: (a) plain, (b) {own} (-tta {config.tta})": {"a": "plain", "b": own},
+                 "both plain (no mirroring)": {"a": "plain", "b": "plain"},
+                 "both mirrored": {"a": "mirrored", "b": "mirrored"}}
+        for title, keys in views.items():
+            print(f"\n{title}:")
+            print("\n".join(table(curves, keys)), flush=True)
 
 
 if __name__ == "__main__":
