@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(fp16 + GradScaler on CUDA, bf16 on a CPU with native bf16, else fp32)", **flag)
     train.add_argument("-channels_last", default=True,
                        help="keep weights and batches in the channels_last_3d memory layout, which "
-                            "measured 1.2x faster training steps on a CPU (benchmarks/README.md)", **flag)
+                            "measured 1.14x faster fp32 training steps on a CPU, and no slower in bf16 (benchmarks/README.md)", **flag)
     train.add_argument("-augment", default=True, help="random augmentation of training samples", **flag)
     train.add_argument("-random_seed", type=seed_value, default=42, help="seed of every random generator")
     train.add_argument("-device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
