@@ -17,14 +17,16 @@ import torch
 
 from utils.args import Config, explicit_options, for_device, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
-from utils.data_class import Preprocessing, load_cases, split_cases, train_loader
-from utils.distributed import Place, start, stop, wrap
+from utils.cache import load_cases
+from utils.data_class import split_cases, train_loader
+from utils.distributed import Place, barrier, start, stop, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
 from utils.layouts import read_data
 from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
 from utils.prediction import predict_files
+from utils.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 
@@ -66,7 +68,12 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     # Data
     info = read_data(config.data_dir, config.task, config.google_id, config.label_names)
     architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
-    cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=place.is_main)
+    if not place.is_main:
+        barrier(place)          # the first process builds the cache; the others then read it
+    cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=place.is_main,
+                                      cache_dir=config.cache_dir)
+    if place.is_main:
+        barrier(place)
     if resume_state is not None:
         split = resume_state["split"]
         if Preprocessing.from_dict(resume_state["preprocessing"]) != preprocessing:
@@ -85,9 +92,11 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
                         f"downsampling factor with {len(config.channels)} levels.")
     loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
                           config.random_seed, config.patch_size, pin_memory=device.type == "cuda",
-                          rank=place.rank, world_size=place.world_size)
+                          rank=place.rank, world_size=place.world_size, foreground_crops=config.foreground_crops)
+    spacing = "each scan's own spacing" if preprocessing.spacing is None else \
+        " x ".join(f"{side:g}" for side in preprocessing.spacing) + " mm voxels"
     say(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
-        f"{preprocessing.target_shape}; {len(loader)} iterations per epoch"
+        f"{preprocessing.target_shape} ({spacing}); {len(loader)} iterations per epoch"
         + (f" on each of {place.world_size} processes (batch {config.batch_size} each)" if place.distributed else ""))
 
     # Model
@@ -147,17 +156,18 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
     device = choose_device(config.device)
     model, state, path = trained_model(config, device)
     # The run's data, as it read it, unless this command line names other data.
-    data = {"label_names": None, **state["config"], **explicit_options(argv)}
+    data = {"label_names": None, "cache_dir": config.cache_dir, **state["config"], **explicit_options(argv)}
     info = read_data(data["data_dir"], config.task, config.google_id, data["label_names"])
     if info.num_classes != state["model_config"]["out_channels"]:
         raise CheckpointError(f"{path} predicts {state['model_config']['out_channels']} classes but "
                               f"{info.task_dir} has {info.num_classes}. Use a checkpoint of this task.")
     cases, _ = load_cases(info, downsampling_factor(state["model_config"]),
-                          preprocessing=Preprocessing.from_dict(state["preprocessing"]))
+                          preprocessing=Preprocessing.from_dict(state["preprocessing"]), cache_dir=data["cache_dir"])
     cases = cases.subset(state["split"][config.evaluate_split])
     autocast = autocast_for(device, config.mixed_precision)
     evaluation = evaluate(model, cases, device, autocast, info.foreground_names, distances=True,
-                          also_postprocessed=True, mirror=config.tta)     # one inference, scored both ways
+                          also_postprocessed=True, mirror=config.tta,     # one inference, scored both ways
+                          roi_size=state["config"].get("patch_size"))
     rows, summary_rows = [], []
     for postprocessed, result in ((False, evaluation), (True, evaluation["postprocessed"])):
         rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
@@ -188,7 +198,8 @@ def predict(config: Config) -> int:
                              autocast_for(device, config.mixed_precision),
                              state["model_config"]["in_channels"], state["model_config"]["out_channels"],
                              postprocess=config.postprocess, mirror=config.tta,
-                             training_extent_mm=state.get("training_extent_mm"))
+                             training_extent_mm=state.get("training_extent_mm"),
+                             roi_size=state["config"].get("patch_size"))
     return 1 if failures else 0
 
 

@@ -114,7 +114,8 @@ def reference(config, iterations: int, warmup: int) -> float:
 
 def project_trainer(config, Nit: int):
     """This project's Trainer, wired exactly as main.py wires it."""
-    from utils.data_class import load_cases, split_cases, train_loader
+    from utils.cache import load_cases
+    from utils.data_class import split_cases, train_loader
     from utils.layouts import read_task
     from utils.environment import seed_everything
     from utils.model import build_model, downsampling_factor, model_config

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import project_trainer, settings, tutorial_pipeline  # noqa: E402  (after the path)
-from utils.data_class import Cases  # noqa: E402
+from utils.cache import Cases  # noqa: E402
 from utils.environment import seed_everything  # noqa: E402
 from utils.evaluation import Autocast, amp_dtype, autocast_for, evaluate  # noqa: E402
 

@@ -118,3 +118,10 @@ def interrupt_validation(monkeypatch, at_call: int) -> None:
 
     monkeypatch.setattr(Trainer, "validate", interrupted)
 
+
+
+@pytest.fixture(autouse=True)
+def in_a_temporary_folder(tmp_path, monkeypatch):
+    """Run each test in its own folder, so that relative default paths (-cache_dir preprocessed,
+    -predictions_dir predictions) land there and not in the repository."""
+    monkeypatch.chdir(tmp_path)

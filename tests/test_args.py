@@ -121,9 +121,9 @@ BAD_VALUES = {
     "-lr": "nan", "-momentum": "1.5", "-weight_decay": "-1e-5", "-early_stopping": "0",
     "-max_minutes": "-5", "-random_seed": "4294967296", "-patch_size": "0", "-channels": "-16",
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
-    "-device": "gpu", "-evaluate_split": "test", "-label_names": "background",
+    "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
 }
-FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir"}
+FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir"}
 
 
 def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):

@@ -40,29 +40,12 @@ def test_affine_without_rotation_or_scaling_is_the_identity():
 def test_image_and_label_move_together():
     torch.manual_seed(0)
     images, labels = blob_batch(n=16)
-    out_images, out_labels = BatchAugmentation(patch_size=(8, 12, 8), affine_probability=1,
-                                               brightness_probability=0, noise_probability=0).augment(images, labels)
-    assert out_images.shape == (16, 1, 8, 12, 8) and out_labels.dtype == torch.uint8
+    out_images, out_labels = BatchAugmentation(affine_probability=1, brightness_probability=0,
+                                               noise_probability=0).augment(images, labels)
+    assert out_images.shape == images.shape and out_labels.dtype == torch.uint8
     assert set(out_labels.unique().tolist()) <= {0, 1, 2}
     # The image encodes its label (1, 11, 21): after the same geometric transform they still agree
     # almost everywhere (bilinear and nearest interpolation differ only along edges).
     agreement = ((out_images - 1) / 10).round().clamp(0, 2).to(torch.uint8) == out_labels
     assert agreement.float().mean() > 0.95
-    assert not torch.equal(out_labels, labels[:, :, :8, :12, :8])
-
-
-def test_random_crops_cover_the_whole_volume():
-    torch.manual_seed(0)
-    images = torch.arange(10.0).view(1, 1, 10, 1, 1).expand(200, 1, 10, 1, 1).contiguous()
-    labels = torch.zeros(200, 1, 10, 1, 1, dtype=torch.uint8)
-    out, _ = quiet(patch_size=(4, 1, 1)).augment(images, labels)
-    starts = Counter(out[:, 0, 0, 0, 0].long().tolist())
-    assert sorted(starts) == [0, 1, 2, 3, 4, 5, 6] and min(starts.values()) > 10
-
-
-def test_a_patch_larger_than_the_volume_is_capped_at_its_shape():
-    images, labels = blob_batch(n=2, shape=(12, 16, 12))
-    out_images, out_labels = quiet(patch_size=(40, 8, 40))(list(zip(images, labels)))
-    assert out_images.shape == (2, 1, 12, 8, 12) and out_labels.shape == (2, 1, 12, 8, 12)
-    out_images, _ = quiet(patch_size=(40, 56, 40))(list(zip(images, labels)))
-    assert torch.equal(out_images, images)
+    assert not torch.equal(out_labels, labels)

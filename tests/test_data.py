@@ -7,7 +7,9 @@ import torch
 import torchio as tio
 
 from conftest import write_task
-from utils.data_class import load_cases, load_pair, prediction_window, shape_for, split_cases, train_loader
+from utils.cache import load_cases
+from utils.data_class import split_cases, train_loader
+from utils.preprocessing import load_pair, prediction_window, shape_for
 from utils.layouts import read_task
 from utils.errors import DataError
 
@@ -46,8 +48,9 @@ def test_preprocessing_shape_normalisation_and_labels(task_dir):
     info = read_task(task_dir)
     cases, preprocessing = load_cases(info, divisor=4, progress=False)
     assert preprocessing.target_shape == (12, 16, 12)      # max shape (<=12, <=14, <=11) rounded up to 4
-    assert cases.images.shape == (8, 1, 12, 16, 12) and cases.images.dtype == torch.float32
-    assert cases.labels.shape == (8, 1, 12, 16, 12) and cases.labels.dtype == torch.uint8
+    assert len(cases.images) == len(cases.labels) == 8
+    assert all(image.shape == (1, 12, 16, 12) and image.dtype == torch.float32 for image in cases.images)
+    assert all(label.shape == (1, 12, 16, 12) and label.dtype == torch.uint8 for label in cases.labels)
     for i, (image_path, label_path) in enumerate(info.pairs):
         native = nib.load(label_path).get_fdata()
         # Padding adds background only: every labelled voxel survives, and uncrop restores the grid.

@@ -3,6 +3,7 @@ import csv
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import main as entry
 from conftest import ROOT, TINY, write_task
 from utils.checkpoint import load_checkpoint
-from utils.data_class import load_cases
+from utils.cache import load_cases
 from utils.layouts import read_task
 from utils import sampling
 from utils.sampling import EvenSampler
@@ -69,10 +70,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*options, script=("main.py",)):
+def torchrun(*options, script=(str(ROOT / "main.py"),)):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script, *options],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=Path.cwd(), capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
@@ -117,7 +118,7 @@ def test_resume_and_fine_tune_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # Both processes are killed (kill -9) at their 5th step, in epoch 3; then the run is resumed.
     done = torchrun("kill_in_step", "5", *common, "-best_models_dir", str(run), "-epochs", "4",
-                    script=("tests/fault_runner.py",))
+                    script=(str(ROOT / "tests" / "fault_runner.py"),))
     assert done.returncode != 0
     assert done.stdout.count("Fine-tuning the last layer only") == 1
     first = load_checkpoint(run / "last.pt")
@@ -139,7 +140,7 @@ def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
     task = write_task(tmp_path / "data", n_cases=10)
     done = torchrun("nan_in_rank_1", "3", "-data_dir", str(task), *TINY, "-train_val_ratio", "0.6",
                     "-best_models_dir", str(tmp_path / "run"), "-mixed_precision", "False",
-                    script=("tests/fault_runner.py",))
+                    script=(str(ROOT / "tests" / "fault_runner.py"),))
     assert done.returncode != 0
     assert done.stderr.count("error: The training loss became") == 2, done.stderr[-3000:]   # both processes
     assert "NaN or infinite in another process at epoch 2, iteration 1" in done.stderr

@@ -14,10 +14,10 @@ import main as entry
 import utils.evaluation
 from conftest import TINY, write_task
 from utils.checkpoint import load_checkpoint
-from utils.data_class import Preprocessing, load_cases
+from utils.cache import load_cases
+from utils.evaluation import CaseMetrics, autocast_for, evaluate, keep_largest_component, predict_logits, summarise
 from utils.layouts import read_task
-from utils.evaluation import (CaseMetrics, autocast_for, evaluate, keep_largest_component, label_map,
-                              predict_logits, summarise)
+from utils.preprocessing import Preprocessing, label_map
 from utils.model import build_model, downsampling_factor
 
 NAMES = ["Anterior", "Posterior"]

@@ -11,7 +11,7 @@ import pytest
 import main as entry
 from conftest import TINY, write_task
 from utils.checkpoint import load_checkpoint
-from utils.data_class import load_cases
+from utils.cache import load_cases
 from utils.fingerprint import target_spacing
 from utils.layouts import read_task
 

@@ -9,7 +9,8 @@ import pytest
 
 import main as entry
 from conftest import TINY
-from utils.data_class import load_cases, split_cases
+from utils.cache import load_cases
+from utils.data_class import split_cases
 from utils.errors import DataError
 from utils.layouts import read_data
 
@@ -50,7 +51,7 @@ def test_csv_list_with_paths_relative_to_its_folder(task_dir):
                              listed.parent / f"../{TASK}/labelsTr/hippocampus_000.nii.gz")
     assert (info.in_channels, info.label_names, info.foreground_names) == (1, DEFAULT_NAMES, ["class_1", "class_2"])
     cases, _ = load_cases(info, divisor=4, progress=False)
-    assert cases.ids == names(8) and cases.images.shape[:2] == (8, 1)
+    assert cases.ids == names(8) and [image.shape[0] for image in cases.images] == [1] * 8
 
 
 def test_csv_list_with_absolute_paths_and_any_file_names(task_dir, tmp_path):

@@ -3,6 +3,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,11 +129,11 @@ def test_cuda_requested_without_a_gpu(task_dir, tmp_path, capsys):
 
 
 def test_command_line_in_a_subprocess(task_dir, tmp_path):
-    done = subprocess.run([sys.executable, "main.py", "-data_dir", str(task_dir), "-best_models_dir",
-                           str(tmp_path / "run"), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "-data_dir", str(task_dir), "-best_models_dir",
+                           str(tmp_path / "run"), *TINY], cwd=Path.cwd(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "epoch   2/2" in done.stdout and "Best validation mean Dice" in done.stdout
-    bad = subprocess.run([sys.executable, "main.py", "-data_dir", str(tmp_path / "nowhere.tar")], cwd=ROOT,
+    bad = subprocess.run([sys.executable, str(ROOT / "main.py"), "-data_dir", str(tmp_path / "nowhere.tar")], cwd=Path.cwd(),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
 

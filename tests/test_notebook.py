@@ -21,7 +21,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, data):
     parameters = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1
     small = {"best_models_dir": str(tmp_path / "run"), "epochs": 2, "Nit": 2, "batch_size": 4,
-             "device": "cpu"}
+             "device": "cpu", "cache_dir": str(tmp_path / "preprocessed")}
     if data == "real":
         small["data_dir"] = str(REAL_DATA)
     else:   # volumes of about 12x14x12 voxels, smaller than the default 40x56x40 patch

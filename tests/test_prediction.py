@@ -203,7 +203,7 @@ def test_a_scan_far_larger_than_the_training_volumes_is_predicted_with_a_warning
 
 
 def test_the_extent_follows_the_canonical_axes_of_the_training_shape(tmp_path):
-    from utils.data_class import Preprocessing
+    from utils.preprocessing import Preprocessing
     from utils.prediction import extent_mm, field_of_view_warning, read_volume
     scan(tmp_path / "odd.nii.gz", affine=ODD_AFFINE)           # voxel axes (11, 17, 9) run along y, x, z
     image = read_volume(tmp_path / "odd.nii.gz", in_channels=1)

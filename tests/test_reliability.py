@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -53,8 +54,8 @@ def reference(tmp_path_factory):
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path, fault, when):
     task, whole = reference
     run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "tests/fault_runner.py", fault, str(when), *options(task, run)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py"), fault, str(when), *options(task, run)],
+                            cwd=Path.cwd(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert load_checkpoint(run / "last.pt")["epoch"] < 3      # whatever is there still loads
     assert entry.main(["-best_models_dir", str(run), "-resume", "True"]) == 0
@@ -67,7 +68,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path, 
 def test_ctrl_c_saves_prints_how_to_resume_and_exits_non_zero(tmp_path):
     task = write_task(tmp_path / "data")
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "main.py", *options(task, run), "-epochs", "400"], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *options(task, run), "-epochs", "400"], cwd=Path.cwd(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (

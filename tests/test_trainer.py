@@ -9,7 +9,8 @@ import torch
 
 from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, config_from_dict
 from utils.checkpoint import load_checkpoint
-from utils.data_class import load_cases, split_cases, train_loader
+from utils.cache import load_cases
+from utils.data_class import split_cases, train_loader
 from utils.layouts import read_task
 from utils.model import build_model, model_config
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format

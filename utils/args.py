@@ -58,6 +58,7 @@ non_negative_float = checked(float, lambda v: 0 <= v < float("inf"), "must be a 
 open_ratio = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); use e.g. 0.8 for 80% training cases")
 momentum_value = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); Nesterov momentum needs more than 0 "
                          "and less than 1 (e.g. 0.99)")
+unit_interval = checked(float, lambda v: 0 <= v <= 1, "is outside [0, 1]; give a share such as 0.33")
 seed_value = checked(int, lambda v: 0 <= v < 2 ** 32, "is outside 0 to 2**32 - 1, the seeds NumPy accepts")
 
 # -batch_size when it is not given: a GPU runs a batch of 16 about as fast as a batch of 2, while
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "label files)")
     data.add_argument("-train_val_ratio", type=open_ratio, default=0.8,
                       help="fraction of labelled cases used for training")
+    data.add_argument("-cache_dir", type=str, default="preprocessed",
+                      help="folder for the preprocessed cases (.npy files, memory-mapped, so a data set "
+                           "larger than memory trains); built once, reused by later runs and -evaluate, "
+                           "rebuilt when a file or option changes")
     data.add_argument("-num_workers", type=non_negative_int, default=0,
                       help="DataLoader worker processes for augmentation (0: in the main process)")
 
@@ -136,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_argument("-patch_size", type=positive_int, nargs=3, default=[40, 56, 40],
                        help="training crop (voxels, multiples of the U-Net's downsampling factor); "
-                            "random crops of the preprocessed volumes, capped at their shape")
+                            "random crops of the preprocessed volumes, capped at their shape; also "
+                            "the window of sliding-window inference on larger volumes")
+    train.add_argument("-foreground_crops", type=unit_interval, default=0.33,
+                       help="share of training crops centred on a foreground voxel, the rest anywhere "
+                            "(nnU-Net: a third); matters only where volumes are larger than -patch_size")
 
     model = p.add_argument_group("model")
     model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
@@ -184,6 +193,7 @@ class Config:
     data_dir: str
     label_names: list[str] | None
     train_val_ratio: float
+    cache_dir: str
     num_workers: int
     batch_size: int | None               # None until `for_device` fills in the device's default
     epochs: int
@@ -197,6 +207,7 @@ class Config:
     channels_last: bool
     augment: bool
     patch_size: list[int]
+    foreground_crops: float
     random_seed: int
     device: str
     channels: list[int]

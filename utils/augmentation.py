@@ -14,14 +14,14 @@ LEFT_RIGHT = 2    # the left-right axis of a (B, C, D, H, W) batch in canonical 
 class BatchAugmentation:
     """Random augmentation drawn for each sample, applied to the whole batch with torch ops.
 
-    Used as the loader's collate_fn. Per sample: a random crop to `patch_size`, a left-right flip,
-    sometimes a small rotation and scaling, a brightness change, and Gaussian noise. Done batch-wide
+    Used as the loader's collate_fn, on crops (utils/sampling.py:patch_window). Per sample: a
+    left-right flip, sometimes a small rotation and scaling, a brightness change, and Gaussian
+    noise. Done batch-wide
     (one grid_sample call, a few tensor ops) because TorchIO's per-sample transforms cost about
     8 ms a sample here, a third of a training step at batch 16 on a 2-core CPU (benchmarks/).
     Flips are left-right only: an anterior-posterior flip would swap the meaning of the labels.
-    The channels (modalities) of a sample share its crop, flip, rotation and brightness factor.
+    The channels (modalities) of a sample share its flip, rotation and brightness factor.
     """
-    patch_size: Sequence[int] | None = None   # None: keep the whole volume; capped at its shape
     flip_probability: float = 0.5
     affine_probability: float = 0.25
     degrees: float = 10.0
@@ -38,9 +38,9 @@ class BatchAugmentation:
 
     def augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, D, H, W) float, labels (B, 1, D, H, W) uint8 -> augmented copies."""
-        images, labels = self.random_crop(images, labels)
+        images, labels = images.clone(), labels.clone()
         n = len(images)
-        # Each step changes only the samples it draws (in place on the cropped copies).
+        # Each step changes only the samples it draws (in place on the copies).
         flip = torch.nonzero(torch.rand(n) < self.flip_probability).flatten()
         images[flip], labels[flip] = images[flip].flip(LEFT_RIGHT), labels[flip].flip(LEFT_RIGHT)
         chosen = torch.nonzero(torch.rand(n) < self.affine_probability).flatten()
@@ -57,19 +57,6 @@ class BatchAugmentation:
         if len(noisy):
             images[noisy] += self.noise_std * torch.randn_like(images[noisy])
         return images, labels
-
-    def random_crop(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random window of `patch_size` per sample, capped at the volume's shape (a side the
-        volume doesn't have room for is kept whole)."""
-        shape = images.shape[2:]
-        patch = shape if self.patch_size is None else [min(p, s) for p, s in zip(self.patch_size, shape)]
-        if tuple(patch) == tuple(shape):
-            return images.clone(), labels.clone()
-        room = [full - size for full, size in zip(shape, patch)]
-        corners = [[int(torch.randint(r + 1, ())) for r in room] for _ in range(len(images))]
-        window = lambda c: tuple(slice(start, start + size) for start, size in zip(c, patch))
-        return (torch.stack([image[(slice(None), *window(c))] for image, c in zip(images, corners)]),
-                torch.stack([label[(slice(None), *window(c))] for label, c in zip(labels, corners)]))
 
     def random_affines(self, count: int, shape: Sequence[int]) -> torch.Tensor:
         """(count, 3, 4) affine_grid matrices: rotations about the three axes and an isotropic

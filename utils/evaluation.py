@@ -1,8 +1,10 @@
 """Inference and metrics, shared by validation during training, -evaluate and -predict.
 
-Each case is predicted on the window of its padded volume that holds it (`Cases.windows`), and
-metrics are computed on its own voxel grid: the prediction is cropped back (TorchIO's inverse of
-CropOrPad) before it meets the original label, and distances are in mm, from the voxel spacing.
+Each case is predicted on the window of its padded volume that holds it (`Cases.windows`), window
+by window (sliding) where that is larger than the training patch, and metrics are computed on its
+own voxel grid: the prediction is cropped back (TorchIO's inverse of CropOrPad) and, for a
+resampled case, its probabilities resampled onto the case's grid (`Cases.to_native`) before it
+meets the original label; distances are in mm, from the voxel spacing.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from utils.augmentation import LEFT_RIGHT
-from utils.data_class import Cases
+from utils.cache import Cases
 from utils.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -87,15 +89,6 @@ def predict_logits(model: nn.Module, image: torch.Tensor, device: torch.device, 
     return scores.float().cpu()
 
 
-def label_map(scores: torch.Tensor) -> torch.Tensor:
-    """Class scores (K, D, H, W) -> label map (1, D, H, W) uint8: the class of highest score.
-
-    (`max(0).indices` is the same as `argmax(0)`, first maximum on ties, but about 10x faster
-    on a CPU for this layout: 25 ms vs 2.5 ms a volume, which was most of a validation's time.)
-    """
-    return scores.max(0, keepdim=True).indices.to(torch.uint8)
-
-
 def keep_largest_component(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Keep the largest connected component of each foreground class of a (1, D, H, W) label map.
     Returns a new tensor: MONAI's transform edits its input in place, and -evaluate still needs
@@ -157,27 +150,27 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
 
 
 def predict_cases(model: nn.Module, cases: Cases, device: torch.device, autocast: Autocast,
-                  loss_fn: nn.Module | None = None, mirror: bool = False) -> tuple[list[torch.Tensor], float]:
+                  loss_fn: nn.Module | None = None, mirror: bool = False,
+                  roi_size: Sequence[int] | None = None) -> tuple[list[torch.Tensor], float]:
     """Label maps (1, X, Y, Z) of `cases` on their own voxel grids, each predicted on the window of
-    its padded volume that holds it, and the sum over cases of `loss_fn` on those windows (0.0
-    without one)."""
+    its padded volume that holds it (by sliding windows of `roi_size`, the training patch, where
+    it is larger), and the sum over cases of `loss_fn` on those windows (0.0 without one)."""
     predictions, loss_sum = [], 0.0
     for index in range(len(cases)):
         window = (slice(None), *cases.windows[index])                     # (C, D, H, W) indices
-        scores = predict_logits(model, cases.images[index][window][None], device, autocast, mirror=mirror)
+        scores = predict_logits(model, cases.images[index][window][None], device, autocast, roi_size, mirror)
         if loss_fn is not None:
             loss_sum += loss_fn(scores, cases.labels[index][window][None].long()).item()
-        padded = torch.zeros_like(cases.labels[index])                    # background outside the window
-        padded[window] = label_map(scores[0])
-        predictions.append(cases.uncrop[index](padded))
+        predictions.append(cases.to_native(index, scores[0]))
     return predictions, loss_sum
 
 
 def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Autocast,
              class_names: Sequence[str], loss_fn: nn.Module | None = None, distances: bool = False,
-             also_postprocessed: bool = False, mirror: bool = False, place: Place = Place()) -> dict:
-    """Predict every case (the window of its padded volume that holds it) and measure it on its
-    own voxel grid.
+             also_postprocessed: bool = False, mirror: bool = False, place: Place = Place(),
+             roi_size: Sequence[int] | None = None) -> dict:
+    """Predict every case (the window of its padded volume that holds it, by sliding windows of
+    `roi_size` where it is larger) and measure it on its own voxel grid.
 
     Under DDP each process measures every world_size-th case, and the per-case results are
     gathered, so every process returns the figures of a single-process evaluation.
@@ -190,7 +183,7 @@ def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Aut
     component of each class of those same predictions (one inference for both).
     """
     mine = cases.subset(cases.ids[place.rank::place.world_size]) if place.distributed else cases
-    predictions, loss_sum = predict_cases(model, mine, device, autocast, loss_fn, mirror)
+    predictions, loss_sum = predict_cases(model, mine, device, autocast, loss_fn, mirror, roi_size)
     variants = {"raw": predictions}
     if also_postprocessed:
         variants["postprocessed"] = [keep_largest_component(p, len(class_names) + 1) for p in predictions]

@@ -1,9 +1,9 @@
 """The data set's fingerprint: each case's spacing, shape and foreground intensities, and the
 target spacing they call for (nnU-Net's rule), computed once from the cases as they are read.
 
-Nothing is resampled yet: the fingerprint is saved with the run (config.json and the checkpoints)
-so that a later step can resample to `target_spacing` and normalise CT with the foreground
-percentiles, as nnU-Net v2 does.
+utils/preprocessing.py resamples every case to `target_spacing`. The fingerprint is saved with the
+run (config.json and the checkpoints); its foreground percentiles are what nnU-Net v2 uses to
+normalise CT (not done here: MRI is z-scored per case).
 """
 from __future__ import annotations
 
@@ -73,24 +73,31 @@ def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequenc
     return [float(s) for s in target]
 
 
-def fingerprint(case_ids: Sequence[str], subjects: Sequence[tio.Subject]) -> dict:
-    """The fingerprint of cases as `load_pair` returns them, JSON-serialisable:
+def case_summary(case_id: str, subject: tio.Subject, samples_per_case: int) -> tuple[dict, list[np.ndarray]]:
+    """What the fingerprint keeps of one case, so that cases can be read one at a time: its
+    `case_fingerprint` and `samples_per_case` of its foreground values per channel, drawn as
+    nnU-Net does (with replacement, so that a case of little foreground counts as much as a large
+    one, from a generator seeded the same for every case)."""
+    rng = np.random.RandomState(SAMPLING_SEED)
+    samples = [rng.choice(v, samples_per_case, replace=True) if v.size else v for v in foreground_values(subject)]
+    return case_fingerprint(case_id, subject), samples
+
+
+def samples_per_case(num_cases: int) -> int:
+    return max(1, FOREGROUND_SAMPLES // num_cases)
+
+
+def fingerprint(summaries: Sequence[tuple[dict, list[np.ndarray]]]) -> dict:
+    """The fingerprint of every case's `case_summary`, JSON-serialisable:
 
     {"cases": [case_fingerprint, ...], "median_spacing": [3 floats], "median_shape": [3 floats],
      "target_spacing": [3 floats], "foreground": [per channel: mean, std, percentile_00_5,
      percentile_99_5 over foreground voxels sampled equally from every case, or None]}
     """
-    cases = [case_fingerprint(case, subject) for case, subject in zip(case_ids, subjects)]
+    cases = [case for case, _ in summaries]
     spacings, shapes = [c["spacing"] for c in cases], [c["shape"] for c in cases]
-    # As nnU-Net: the same number of voxels from each case (with replacement, so that a case of
-    # little foreground counts as much as a large one), from a generator seeded for each case.
-    per_case = max(1, FOREGROUND_SAMPLES // len(subjects))
-    samples = []
-    for subject in subjects:
-        values = foreground_values(subject)
-        rng = np.random.RandomState(SAMPLING_SEED)
-        samples.append([rng.choice(v, per_case, replace=True) if v.size else v for v in values])
-    pooled = [np.concatenate([case[channel] for case in samples]) for channel in range(len(samples[0]))]
+    channels = len(summaries[0][1])
+    pooled = [np.concatenate([samples[channel] for _, samples in summaries]) for channel in range(channels)]
     return {"cases": cases,
             "median_spacing": [float(s) for s in np.median(spacings, axis=0)],
             "median_shape": [float(s) for s in np.median(shapes, axis=0)],

@@ -1,8 +1,10 @@
 """Apply a trained model to new scans: NIfTI in, label map (uint8, 0/1/2) out, on the input's grid.
 
-The preprocessing is the training one, read from the checkpoint. The prediction is mapped back
-through TorchIO's inverse transforms, so the written file has the input's exact shape and affine
-and overlays the scan in 3D Slicer or ITK-SNAP.
+The preprocessing is the training one, read from the checkpoint: a scan is resampled to the
+training spacing, predicted, and the prediction mapped back (TorchIO's inverse of the padding,
+then the probabilities resampled onto the scan's canonical grid, then its own orientation), so
+the written file has the input's exact shape and affine and overlays the scan in 3D Slicer or
+ITK-SNAP.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ import torchio as tio
 from torch import nn
 from tqdm import tqdm
 
-from utils.data_class import Preprocessing
 from utils.errors import UserError
-from utils.evaluation import Autocast, keep_largest_component, label_map, predict_logits
+from utils.evaluation import Autocast, keep_largest_component, predict_logits
+from utils.preprocessing import Preprocessing, has_spacing, label_map, to_grid
 from utils.scans import ScanError, read_scan
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -105,17 +107,26 @@ def field_of_view_warning(file: Path, image: tio.Image, preprocessing: Preproces
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Preprocessing, divisor: int,
                    device: torch.device, autocast: Autocast, num_classes: int,
-                   postprocess: bool = False, mirror: bool = False) -> torch.Tensor:
+                   postprocess: bool = False, mirror: bool = False,
+                   roi_size: Sequence[int] | None = None) -> torch.Tensor:
     """Label map (1, X, Y, Z) uint8 on the grid of `image` as it was read. `divisor`: the U-Net's
-    downsampling factor, to which the image is padded."""
+    downsampling factor, to which the image is padded; `roi_size`: the training patch (default
+    the training volume), the window of sliding-window inference for a larger scan."""
     subject = preprocessing.transform(divisor)(tio.Subject(image=image))
     logits = predict_logits(model, subject.image.data[None].float(), device, autocast,
-                            roi_size=preprocessing.target_shape, mirror=mirror)
-    label = label_map(logits[0])
-    if postprocess:
-        label = keep_largest_component(label, num_classes)
-    subject.add_image(tio.LabelMap(tensor=label, affine=subject.image.affine), "prediction")
+                            roi_size=roi_size or preprocessing.target_shape, mirror=mirror)
+    resampled = preprocessing.spacing is not None and not has_spacing(image, preprocessing.spacing)
+    # Label map (cheap to un-pad), or for a resampled scan the scores, resampled back afterwards.
+    prediction = tio.ScalarImage(tensor=logits[0], affine=subject.image.affine) if resampled else \
+        tio.LabelMap(tensor=label_map(logits[0]), affine=subject.image.affine)
+    subject.add_image(prediction, "prediction")
     uncropped = subject.apply_inverse_transform(warn=False).prediction   # undoes the padding
+    if resampled:
+        canonical = tio.ToCanonical()(image)
+        uncropped = tio.LabelMap(tensor=to_grid(uncropped.data, uncropped.affine, canonical.spatial_shape,
+                                                canonical.affine), affine=canonical.affine)
+    if postprocess:
+        uncropped.set_data(keep_largest_component(uncropped.data, num_classes))
     # ToCanonical has no inverse in TorchIO: reorient back to the file's own axis order.
     return tio.ToOrientation("".join(image.orientation))(uncropped).data.to(torch.uint8)
 
@@ -123,7 +134,8 @@ def predict_volume(model: nn.Module, image: tio.ScalarImage, preprocessing: Prep
 def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, preprocessing: Preprocessing,
                   divisor: int, device: torch.device, autocast: Autocast, in_channels: int, num_classes: int,
                   postprocess: bool = False, mirror: bool = False,
-                  training_extent_mm: Sequence[float] | None = None) -> list[tuple[Path, str]]:
+                  training_extent_mm: Sequence[float] | None = None,
+                  roi_size: Sequence[int] | None = None) -> list[tuple[Path, str]]:
     """Predict every file under `path` into `out_dir/<same name>`; return the (file, reason) failures.
     A scan far larger than `training_extent_mm` (the checkpoint's) is predicted with a warning."""
     files = input_files(path)
@@ -141,7 +153,7 @@ def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, prepr
         if warning:
             tqdm.write(warning)
         label = predict_volume(model, image, preprocessing, divisor, device, autocast, num_classes,
-                               postprocess, mirror)
+                               postprocess, mirror, roi_size)
         nib.save(nib.Nifti1Image(label[0].numpy(), image.affine), out_dir / file.name)
     seconds = time.perf_counter() - started
     done = len(files) - len(failures)

@@ -1,9 +1,12 @@
 """Which training case goes into which batch: exactly `Nit` batches per epoch, every case equally
-likely, the same sequence on every DDP process, and no case twice in one batch."""
+likely, the same sequence on every DDP process, and no case twice in one batch; and which part of
+the case (`patch_window`): a random crop, or one centred on foreground."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -172,3 +175,28 @@ def _fill_windows(indices: list[int], sizes: list[int]) -> None:
         passed_over = [position for position in skipped if not placed[position]]
         result += [indices[position] for position in sorted(chosen)]
     indices[:] = result
+
+
+def patch_window(shape: Sequence[int], patch_size: Sequence[int], foreground: np.ndarray,
+                 foreground_crops: float) -> tuple[slice, slice, slice]:
+    """Where to crop a patch of `patch_size` (capped at `shape`, a side the volume has no room for
+    is kept whole) from a volume of `shape`.
+
+    With probability `foreground_crops` (nnU-Net: a third), and if the case has foreground, the
+    patch is centred on a foreground voxel of a class drawn uniformly from those present (from
+    `foreground`'s (class, x, y, z) rows), moved inside the volume where needed; otherwise it lies
+    anywhere in the volume, every position equally likely. Small structures in large volumes are
+    then seen in every batch. Draws from torch's global generator (seeded per loader worker).
+    """
+    patch = [min(p, s) for p, s in zip(patch_size, shape)]
+    room = [side - size for side, size in zip(shape, patch)]
+    if not any(room):
+        return tuple(slice(0, side) for side in shape)
+    if len(foreground) and float(torch.rand(())) < foreground_crops:
+        classes = np.unique(foreground[:, 0])
+        chosen = foreground[foreground[:, 0] == classes[int(torch.randint(len(classes), ()))]]
+        centre = chosen[int(torch.randint(len(chosen), ())), 1:]
+        corner = [min(max(int(c) - size // 2, 0), r) for c, size, r in zip(centre, patch, room)]
+    else:
+        corner = [int(torch.randint(r + 1, ())) for r in room]
+    return tuple(slice(start, start + size) for start, size in zip(corner, patch))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, Config
 from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
-from utils.data_class import Cases
+from utils.cache import Cases
 from utils.distributed import Place, any_process, gather, unwrap
 from utils.evaluation import amp_dtype, autocast_for, evaluate
 from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
@@ -166,7 +166,8 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.network, self.val_cases, self.device, self.autocast,
-                        self.class_names, loss_fn=self.loss_fn, mirror=self.config.tta, place=self.place)
+                        self.class_names, loss_fn=self.loss_fn, mirror=self.config.tta, place=self.place,
+                        roi_size=self.config.patch_size)
 
     # ------------------------------------------------------------ the whole run
 
@@ -221,7 +222,7 @@ class Trainer:
         """predictions.png (a few validation cases) and progress.gif (one case across epochs)."""
         shown = metrics["prediction_ids"][:PICTURE_CASES]
         cases = self.val_cases.subset(shown)
-        native_images = [cases.uncrop[i](cases.images[i]) for i in range(len(cases))]
+        native_images = [cases.native_image(i) for i in range(len(cases))]
         plot_predictions(native_images, cases.native_labels, metrics["predictions"][:len(shown)], shown,
                          self.run_dir / "predictions.png")
         write_progress_gif(native_images[0], self.progress_frames, self.run_dir / "progress.gif", cases.ids[0])
