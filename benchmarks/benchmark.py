@@ -127,7 +127,8 @@ def project_trainer(config, Nit: int):
     cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=False)
     split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
     loader = train_loader(cases.subset(split["train"]), config.batch_size, Nit, config.augment,
-                          config.num_workers, config.random_seed, config.patch_size)
+                          config.num_workers, config.random_seed, config.patch_size,
+                          foreground_crops=config.foreground_crops)
     model = build_model(architecture).to(memory_format=memory_format(config))
     optimizer = make_optimizer(model, config)
     return Trainer(model, make_loss(), optimizer, loader, cases.subset(split["val"]), config,

@@ -53,12 +53,14 @@ def tutorial_val_cases(tutorial) -> Cases:
     done = [tutorial.preprocess(subject) for subject in subjects]
     whole_volume = (slice(None), slice(None), slice(None))
     return Cases(ids=[subject["id"] for subject in subjects],
-                 images=torch.stack([d.image.data.float() for d in done]),
-                 labels=torch.stack([d.label.data.to(torch.uint8) for d in done]),
+                 images=[d.image.data.float() for d in done],
+                 labels=[d.label.data.to(torch.uint8) for d in done],
                  native_labels=[subject.label.data.to(torch.uint8) for subject in subjects],
                  uncrop=[d.get_inverse_transform(warn=False) for d in done],
+                 grids=[None] * len(done),                       # Task04 is all 1 mm: nothing resampled
                  spacings=[subject.label.spacing for subject in subjects],
-                 windows=[whole_volume] * len(done))
+                 windows=[whole_volume] * len(done),
+                 foreground=[None] * len(done))                  # not trained from: no crops
 
 
 def validate(model: torch.nn.Module, cases: Cases, autocast: Autocast, class_names: list[str]) -> dict:

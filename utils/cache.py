@@ -203,14 +203,11 @@ def build_cache(info: TaskInfo, divisor: int, preprocessing: Preprocessing | Non
             first_channels = first_channels or subject.image.num_channels
             check_channels(image, subject.image.num_channels, info, first_channels)
             summaries.append(case_summary(case, subject, samples_per_case(len(info.pairs))))
-    print_ = tqdm.write if progress else (lambda *_: None)
     found = fingerprint(summaries)
     if preprocessing is None:
         spacing = found["target_spacing"]
         shapes = [resampled_shape(case["shape"], case["spacing"], spacing) for case in found["cases"]]
         preprocessing = Preprocessing(shape_for(shapes, divisor), spacing)
-        print_(f"Target spacing {' x '.join(f'{s:g}' for s in spacing)} mm (the data's median, nnU-Net's "
-               f"rule); volumes {preprocessing.target_shape}")
     # Pass 2: preprocess each case and write it.
     steps = tio.Compose(preprocessing.resample_and_normalise())
     crop_or_pad = tio.CropOrPad(preprocessing.target_shape)
