@@ -88,7 +88,7 @@ def test_label_map_is_the_class_of_highest_score():
     assert labels[0, 0, 0, 0] == 0
 
 
-@pytest.mark.parametrize("shape", [(6, 8, 6), (10, 8, 6)])   # one pass; sliding windows (wider than roi)
+@pytest.mark.parametrize("shape", [(6, 8, 6), (14, 8, 6)])   # one pass; sliding windows (> 2x the roi)
 def test_mirrored_prediction_is_left_right_equivariant(shape):
     torch.manual_seed(0)
     model = torch.nn.Conv3d(1, 3, 3, padding=1)               # not symmetric: its kernel is random
@@ -102,6 +102,16 @@ def test_mirrored_prediction_is_left_right_equivariant(shape):
     # The mirror image of a scan gets the mirror image of its prediction, and vice versa.
     assert torch.allclose(predict(images.flip(2), True), mirrored_scores.flip(2), atol=1e-5)
     assert not torch.allclose(predict(images.flip(2), False), plain.flip(2), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape, slides", [((8, 8, 6), False), ((12, 8, 6), False), ((14, 8, 6), True)])
+def test_sliding_windows_only_beyond_twice_the_patch(shape, slides, monkeypatch):
+    import utils.evaluation as evaluation
+    calls, real = [], evaluation.sliding_window_inference
+    monkeypatch.setattr(evaluation, "sliding_window_inference", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    scores = predict_logits(torch.nn.Conv3d(1, 3, 3, padding=1), torch.randn(1, 1, *shape), torch.device("cpu"),
+                            contextlib.nullcontext, roi_size=(6, 8, 6))
+    assert scores.shape == (1, 3, *shape) and calls == ([(6, 8, 6)] if slides else [])
 
 
 # ------------------------------------------------------------------ warnings of the distance metrics

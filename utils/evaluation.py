@@ -27,6 +27,12 @@ from utils.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 SLIDING_WINDOW_OVERLAP = 0.25
+# A fully convolutional network predicts a volume a little larger than its training patch in one
+# pass, in memory proportional to its voxels; sliding windows would cover it with 2-8 overlapping
+# patches instead. Up to this many times the patch's voxels, one pass: Task04's largest windows
+# (48x64x48, 1.6x the 40x56x40 patch) measured 0.8 s a validation slower and no more accurate
+# with windows (benchmarks/README.md).
+ONE_PASS_FACTOR = 2
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -74,15 +80,15 @@ def predict_logits(model: nn.Module, image: torch.Tensor, device: torch.device, 
     """Class scores (1, K, D, H, W), float32 on the CPU, for a preprocessed image (1, C, D, H, W)
     whose sides are multiples of the U-Net's downsampling factor.
 
-    An image that fits in `roi_size` (the training shape) is predicted in one pass; a larger one
-    window by window with MONAI's sliding-window inference. With `mirror`, scores are averaged
-    with those of the mirror image (twice the work).
+    An image of at most ONE_PASS_FACTOR times the voxels of `roi_size` (the training patch) is
+    predicted in one pass; a larger one window by window with MONAI's sliding-window inference.
+    With `mirror`, scores are averaged with those of the mirror image (twice the work).
     """
     model.eval()
     predictor = mirrored(model) if mirror else model
     image = image.to(device)
     with autocast():
-        if roi_size is None or all(side <= roi for side, roi in zip(image.shape[2:], roi_size)):
+        if roi_size is None or image.shape[2:].numel() <= ONE_PASS_FACTOR * math.prod(roi_size):
             scores = predictor(image)
         else:
             scores = sliding_window_inference(image, roi_size, 1, predictor, overlap=SLIDING_WINDOW_OVERLAP)
