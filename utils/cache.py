@@ -208,30 +208,33 @@ def build_cache(info: TaskInfo, divisor: int, preprocessing: Preprocessing | Non
         spacing = found["target_spacing"]
         shapes = [resampled_shape(case["shape"], case["spacing"], spacing) for case in found["cases"]]
         preprocessing = Preprocessing(shape_for(shapes, divisor), spacing)
-    # Pass 2: preprocess each case and write it.
-    steps = tio.Compose(preprocessing.resample_and_normalise())
-    crop_or_pad = tio.CropOrPad(preprocessing.target_shape)
+    # Pass 2: preprocess each case and write it. The steps work in place (copy=False): the case
+    # read is this loop's own, and what is kept of its native grid is taken first.
+    steps = tio.Compose(preprocessing.resample_and_normalise(), copy=False)
+    crop_or_pad = tio.CropOrPad(preprocessing.target_shape, copy=False)
     cases = []
     with tqdm(list(enumerate(zip(info.case_ids, info.pairs))), desc="preprocessing cases",
               disable=not progress) as pairs:
         for number, (case, (image, label)) in pairs:
-            native = load_pair(image, label, label_values)
-            resampled = steps(native)
-            padding, cropping = crop_or_pad_bounds(resampled.spatial_shape, preprocessing.target_shape)
-            done = crop_or_pad(resampled)
-            is_resampled = resampled.spatial_shape != native.spatial_shape or not np.allclose(
-                resampled.image.affine, native.image.affine)
-            arrays = {"image": done.image.data.float().numpy(), "label": done.label.data.to(torch.uint8).numpy(),
-                      "native_label": native.label.data.to(torch.uint8).numpy()}
+            subject = load_pair(image, label, label_values)
+            native_label = subject.label.data.to(torch.uint8).numpy().copy()
+            native = {"spacing": [float(s) for s in subject.image.spacing], "shape": subject.spatial_shape,
+                      "affine": subject.image.affine.copy()}
+            steps(subject)
+            resampled_shape_, affine = subject.spatial_shape, subject.image.affine
+            is_resampled = resampled_shape_ != native["shape"] or not np.allclose(affine, native["affine"])
+            padding, cropping = crop_or_pad_bounds(resampled_shape_, preprocessing.target_shape)
+            crop_or_pad(subject)
+            arrays = {"image": subject.image.data.float().numpy(), "label": subject.label.data.to(torch.uint8).numpy(),
+                      "native_label": native_label}
             arrays["foreground"] = foreground_locations(arrays["label"])
             for name, array in arrays.items():
                 np.save(partial / f"{number:05d}_{name}.npy", array)
             cases.append({
-                "id": case, "spacing": [float(s) for s in native.image.spacing],
-                "native_shape": list(native.spatial_shape), "native_affine": native.image.affine.tolist(),
-                "affine": resampled.image.affine.tolist() if is_resampled else None,
+                "id": case, "spacing": native["spacing"], "native_shape": list(native["shape"]),
+                "native_affine": native["affine"].tolist(), "affine": affine.tolist() if is_resampled else None,
                 "padding": padding, "cropping": cropping,
-                "window": [[w.start, w.stop] for w in prediction_window(resampled.spatial_shape,
+                "window": [[w.start, w.stop] for w in prediction_window(resampled_shape_,
                                                                          preprocessing.target_shape, divisor)]})
     index = {"version": CACHE_VERSION, "preprocessing": preprocessing.to_dict(), "fingerprint": found,
              "cases": cases}

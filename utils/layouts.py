@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
-import torch
+import numpy as np
 
 from utils.download import is_task_folder, locate_task
 from utils.errors import DataError
@@ -220,7 +220,7 @@ def class_names(pairs: list[tuple[Path, Path]], label_names: Sequence[str] | Non
     found: set[int | float] = set()
     for _, label in pairs:
         try:
-            found |= set(torch.unique(read_scan(label, "label").data).tolist())
+            found |= set(np.unique(read_scan(label, "label").data.numpy()).tolist())
         except ScanError as error:
             raise DataError(f"Cannot read {error.path}: it {error.reason}. Restore the file, or remove "
                             f"its case from {source}.") from None
