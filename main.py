@@ -1,4 +1,5 @@
-"""Train a 3D U-Net on MSD Task04 (hippocampus), evaluate it, or apply it to new scans.
+"""Train a 3D segmentation network (MONAI's U-Net by default) on MSD Task04 (hippocampus), evaluate
+it, or apply it to new scans.
 Wiring only: each step lives in utils/.
 
     python main.py -mixed_precision True -Nit 250
@@ -9,25 +10,34 @@ Wiring only: each step lives in utils/.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from utils.args import Config, explicit_options, for_device, parse_args
 from utils.checkpoint import check_same_model, load_checkpoint
-from utils.cache import load_cases
+from utils.cache import Cases, load_cases
 from utils.data_class import split_cases, train_loader
 from utils.distributed import Place, barrier, start, stop, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
-from utils.layouts import read_data
-from utils.model import build_model, count_parameters, downsampling_factor, freeze_all_but_last_layer, model_config
+from utils.layouts import TaskInfo, read_data
+from utils.losses import CLASS_WEIGHT_POWER, class_frequencies, weights_from_frequencies
+from utils.model import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
+                         freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
 from utils.prediction import predict_files
 from utils.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
+
+# The options that decide the network: a DynUNet is planned from the patch size, UNETR takes it as input.
+NETWORK_OPTIONS = ("architecture", "channels", "num_res_units", "deep_supervision", "patch_size")
+# Options that only one network takes: typed for another, they are refused rather than ignored.
+ONLY_FOR = {"num_res_units": "unet", "deep_supervision": "dynunet"}
 
 
 def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
@@ -42,12 +52,66 @@ def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict
     return Config(**saved), state
 
 
+def with_network_of(checkpoint: dict, config: Config, argv: list[str] | None) -> Config:
+    """`config` with the network options of the checkpoint's run, except those typed on this
+    command line: -train_from_checkpoint rebuilds the checkpoint's network without them, and
+    check_same_model refuses typed ones that describe another network."""
+    saved = {**parse_args([]).to_dict(), **checkpoint.get("config", {})}
+    typed = explicit_options(argv)
+    return dataclasses.replace(config, **{name: saved[name] for name in NETWORK_OPTIONS if name not in typed})
+
+
+def refuse_options_that_do_not_apply(config: Config, argv: list[str] | None) -> None:
+    typed = explicit_options(argv)
+    for option, architecture in ONLY_FOR.items():
+        if option in typed and config.architecture != architecture:
+            raise UserError(f"-{option} applies to -architecture {architecture} only; this run's network is "
+                            f"{config.architecture}. Leave -{option} out, or pass -architecture {architecture}.")
+    if config.loss == "dice" and config.class_weights is not None:
+        raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
+                        "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")
+
+
+def class_weights(config: Config, info: TaskInfo, train_cases: Cases, resume_state: dict | None,
+                  say: Callable) -> dict:
+    """The cross-entropy weights of -class_weights as run_info keeps them, so that config.json and
+    the checkpoints show them: {"class_weights": one per class, background first, or None;
+    "class_frequencies": with auto, the voxel shares they came from, else None}. -resume takes
+    them from its checkpoint, so it continues with the same loss."""
+    if resume_state is not None:
+        return {key: resume_state.get(key) for key in ("class_weights", "class_frequencies")}
+    names = [name for _, name in sorted(info.label_names.items())]
+    if config.class_weights is None:
+        return {"class_weights": None, "class_frequencies": None}
+    if config.class_weights == "auto":
+        frequencies = class_frequencies(train_cases.native_labels, info.num_classes)
+        absent = [name for name, share in zip(names, frequencies) if share == 0]
+        if absent:
+            raise UserError(f"-class_weights auto: the {len(train_cases)} training cases have no voxel of "
+                            f"{', '.join(absent)}, so there is no frequency to weight by. Give one weight "
+                            f"per class instead, background first.")
+        weights = weights_from_frequencies(frequencies)
+        say(f"Class weights (auto, (1/f)^{CLASS_WEIGHT_POWER:g} of each class's share f of the training "
+            f"voxels, mean 1): " + ", ".join(f"{name} {w:.3f} (f {share:.4f})"
+                                             for name, w, share in zip(names, weights, frequencies)))
+        return {"class_weights": weights, "class_frequencies": frequencies}
+    if len(config.class_weights) != info.num_classes:
+        raise UserError(f"-class_weights gives {len(config.class_weights)} weights, but the data has "
+                        f"{info.num_classes} classes ({', '.join(names)}): give one per class, background first.")
+    return {"class_weights": list(config.class_weights), "class_frequencies": None}
+
+
 def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     """Train as `config` says; return the run folder. Under torchrun, one process of several."""
     say = print if place.is_main else lambda *args, **kwargs: None
-    resume_state = None
+    resume_state = start_state = None
     if config.resume:
         config, resume_state = resumed_config(config, argv)
+    elif config.train_from_checkpoint:
+        start_state = load_checkpoint(config.train_from_checkpoint)
+        config = with_network_of(start_state, config, argv)
+    refuse_options_that_do_not_apply(config, argv)
+    check_network_options(config.architecture, config.channels, config.patch_size)
     config = for_device(config, place.device.type)      # e.g. the batch size, if not given
     run_dir = Path(config.best_models_dir)
     if resume_state is None and (run_dir / "last.pt").exists():
@@ -67,11 +131,10 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
 
     # Data
     info = read_data(config.data_dir, config.task, config.google_id, config.label_names)
-    architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units)
+    divisor = max(input_multiples(config.architecture, config.channels, config.patch_size))
     if not place.is_main:
         barrier(place)          # the first process builds the cache; the others then read it
-    cases, preprocessing = load_cases(info, downsampling_factor(architecture), progress=place.is_main,
-                                      cache_dir=config.cache_dir)
+    cases, preprocessing = load_cases(info, divisor, progress=place.is_main, cache_dir=config.cache_dir)
     if place.is_main:
         barrier(place)
     if resume_state is not None:
@@ -86,10 +149,6 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
         say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
               f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
               "batch holds each training case once."))
-    factor = downsampling_factor(architecture)
-    if any(side % factor for side in config.patch_size):
-        raise UserError(f"-patch_size {config.patch_size} must be multiples of {factor}, the U-Net's "
-                        f"downsampling factor with {len(config.channels)} levels.")
     loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
                           config.random_seed, config.patch_size, pin_memory=device.type == "cuda",
                           rank=place.rank, world_size=place.world_size, foreground_crops=config.foreground_crops)
@@ -99,19 +158,26 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
         f"{preprocessing.target_shape} ({spacing}); {len(loader)} iterations per epoch"
         + (f" on each of {place.world_size} processes (batch {config.batch_size} each)" if place.distributed else ""))
 
-    # Model
+    # Model: a DynUNet is planned for the voxel spacing that preprocessing chose.
+    architecture = model_config(info.in_channels, info.num_classes, config.channels, config.num_res_units,
+                                config.architecture, config.patch_size, preprocessing.spacing,
+                                config.deep_supervision)
+    if config.architecture == "dynunet" and len(architecture["filters"]) != len(config.channels):
+        say(f"Note: the DynUNet planned for this patch and spacing has {len(architecture['filters'])} levels "
+            f"and -channels gives {len(config.channels)}, so its filters are {architecture['filters']}.")
     model = build_model(architecture)
-    if config.train_from_checkpoint and resume_state is None:
-        start = load_checkpoint(config.train_from_checkpoint)
-        check_same_model(start, architecture, config.train_from_checkpoint)
-        model.load_state_dict(start["model"])
+    if resume_state is not None or start_state is not None:      # the network must be the one saved
+        check_same_model(resume_state or start_state, architecture,
+                         config.train_from_checkpoint if start_state is not None else run_dir / "last.pt")
+    if start_state is not None:
+        model.load_state_dict(start_state["model"])
         say(f"Starting from the weights in {config.train_from_checkpoint}")
     if config.fine_tune:
         trainable, total = freeze_all_but_last_layer(model)
         say(f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters")
     else:
         trainable, total = count_parameters(model)
-        say(f"Model: MONAI UNet, channels {config.channels}, {total:,} parameters")
+        say(f"Model: {describe(architecture)}, {total:,} parameters")
     say(f"Device {device}, precision {precision_name(device, config.mixed_precision)}, batch "
         f"{config.batch_size}" + (" per process" if place.distributed else ""))
     if config.mixed_precision and amp_dtype(device) is None:
@@ -122,11 +188,14 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     model = wrap(model, place)           # DDP under torchrun, the network itself otherwise
 
     # Training
+    weights = class_weights(config, info, train_cases, resume_state, say)
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()},
-                "fingerprint": cases.fingerprint}      # spacings, shapes, intensities; target_spacing
-    trainer = Trainer(model, make_loss(), optimizer, loader, val_cases, config, run_dir, device,
+                "fingerprint": cases.fingerprint,      # spacings, shapes, intensities; target_spacing
+                **weights}
+    loss = make_loss(config.loss, weights["class_weights"], training_outputs(architecture))
+    trainer = Trainer(model, loss, optimizer, loader, val_cases, config, run_dir, device,
                       info.foreground_names, run_info, place)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)

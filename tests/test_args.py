@@ -20,6 +20,7 @@ def test_defaults_are_the_documented_ones():
     # Chosen by the 10-minute experiments of benchmarks/README.md:
     assert (c.channels, c.num_res_units, c.patch_size, c.tta) == ([16, 32, 64, 128], 1, [40, 56, 40], True)
     assert c.channels_last
+    assert (c.architecture, c.deep_supervision, c.loss, c.class_weights) == ("unet", True, "dicece", None)
 
 
 @pytest.mark.parametrize("word, expected", [("True", True), ("false", False), ("YES", True), ("no", False),
@@ -105,6 +106,16 @@ def test_config_from_dict_goes_through_the_same_checks():
         config_from_dict({"Nit": 0})
 
 
+def test_class_weights_are_none_auto_or_one_number_per_class(capsys):
+    assert parse_args(["-class_weights", "none"]).class_weights is None
+    assert parse_args(["-class_weights", "AUTO"]).class_weights == "auto"
+    assert parse_args(["-class_weights", "0.2", "1.4", "1.4"]).class_weights == [0.2, 1.4, 1.4]
+    assert config_from_dict({"class_weights": [0.2, 1.4]}).class_weights == [0.2, 1.4]
+    assert config_from_dict({"class_weights": "auto"}).class_weights == "auto"
+    assert "not ['auto', 1.0]" in usage_error(["-class_weights", "auto", "1"], capsys)
+    assert "0.0 must be a finite number greater than 0" in usage_error(["-class_weights", "1", "0"], capsys)
+
+
 def test_explicit_options_are_only_the_typed_ones():
     assert explicit_options(["-epochs", "5", "-resume"]) == {"epochs": 5, "resume": True}
 
@@ -122,6 +133,7 @@ BAD_VALUES = {
     "-max_minutes": "-5", "-random_seed": "4294967296", "-patch_size": "0", "-channels": "-16",
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
     "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
+    "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy",
 }
 FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir"}
 

@@ -12,7 +12,8 @@ from utils.checkpoint import load_checkpoint
 from utils.cache import load_cases
 from utils.data_class import split_cases, train_loader
 from utils.layouts import read_task
-from utils.model import build_model, model_config
+from utils.losses import segmentation_loss
+from utils.model import build_model, downsampling_factor, model_config, training_outputs
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 
@@ -20,14 +21,15 @@ def make_trainer(task_dir, run_dir, **options) -> Trainer:
     config = config_from_dict({"batch_size": 2, "Nit": 2, "epochs": 2, "channels": [4, 8],
                                "num_res_units": 0, "best_models_dir": str(run_dir), **options})
     torch.manual_seed(config.random_seed)
-    cases, preprocessing = load_cases(read_task(task_dir), divisor=2, progress=False)
+    architecture = model_config(1, 3, config.channels, config.num_res_units, config.architecture,
+                                config.patch_size, deep_supervision=config.deep_supervision)
+    cases, preprocessing = load_cases(read_task(task_dir), divisor=downsampling_factor(architecture), progress=False)
     split = split_cases(cases.ids, config.train_val_ratio, config.random_seed)
     loader = train_loader(cases.subset(split["train"]), config.batch_size, config.Nit, True, 0, 0)
-    architecture = model_config(1, 3, config.channels, config.num_res_units)
     model = build_model(architecture)
     optimizer = make_optimizer(model, config)
     run_dir.mkdir(exist_ok=True)
-    return Trainer(model, make_loss(), optimizer, loader,
+    return Trainer(model, make_loss(config.loss, None, training_outputs(architecture)), optimizer, loader,
                    cases.subset(split["val"]), config, run_dir, torch.device("cpu"),
                    ["Anterior", "Posterior"],
                    {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture})
@@ -38,6 +40,22 @@ def test_forward_pass_gives_loss_and_logits(task_dir, tmp_path):
     loss, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.dtype == torch.float32
     assert logits.shape == (2, 3, 12, 14, 12)
+
+
+def test_deep_supervision_loss_takes_every_output_and_forward_pass_returns_the_full_resolution(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path / "run", architecture="dynunet", patch_size=[32, 32, 32],
+                           mixed_precision=False, channels_last=False)
+    images, labels = next(iter(trainer.train_loader))             # whole volumes, padded to 16^3
+    loss, logits = trainer.forward_pass((images, labels))
+    assert logits.shape == (2, 3, 16, 16, 16)
+    outputs = trainer.model(images)                                # training mode: every output, stacked
+    assert outputs.shape == (2, 2, 3, 16, 16, 16)
+    torch.testing.assert_close(logits, outputs[:, 0])
+    base = segmentation_loss("dicece")
+    expected = 2 / 3 * base(outputs[:, 0], labels.long()) + 1 / 3 * base(outputs[:, 1], labels.long())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    trainer.model.eval()                                           # validation: the full resolution only
+    assert trainer.model(images).shape == (2, 3, 16, 16, 16)
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])

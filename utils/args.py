@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any, Sequence
 
+from utils.losses import CLASS_WEIGHT_POWER, LOSSES
+from utils.model import ARCHITECTURES
+
 EPOCHS_UNDER_A_TIME_LIMIT = 100_000
 TRUE_WORDS = {"true", "yes", "y", "1", "on"}
 FALSE_WORDS = {"false", "no", "n", "0", "off"}
@@ -79,6 +82,20 @@ def existing_file(text: str) -> str:
     return text
 
 
+def class_weight_word(text: str) -> str | float:
+    """One word of -class_weights: none, auto or a weight (a finite number greater than 0)."""
+    word = str(text).strip().lower()
+    if word in ("none", "auto"):
+        return word
+    try:
+        value = float(word)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not none, auto or a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number greater than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a 3D U-Net to segment the hippocampus (MSD Task04) with plain PyTorch.",
@@ -140,20 +157,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where to train; auto picks cuda when available")
 
     train.add_argument("-patch_size", type=positive_int, nargs=3, default=[40, 56, 40],
-                       help="training crop (voxels, multiples of the U-Net's downsampling factor); "
-                            "random crops of the preprocessed volumes, capped at their shape; also "
-                            "the window of sliding-window inference on larger volumes")
+                       help="training crop (voxels); each side a multiple of what the network needs: "
+                            "unet, segresnet 2 ** (levels - 1), dynunet 2 for each time nnU-Net's plan "
+                            "may halve it (while it keeps 4 voxels, at most 5 times), unetr 16, swinunetr "
+                            "32. Random crops of the preprocessed volumes, capped at their shape; also "
+                            "the window of sliding-window inference on larger volumes, and unetr's input size")
     train.add_argument("-foreground_crops", type=unit_interval, default=0.33,
                        help="share of training crops centred on a foreground voxel, the rest anywhere "
                             "(nnU-Net: a third); matters only where volumes are larger than -patch_size")
 
+    train.add_argument("-loss", type=str, default="dicece", choices=list(LOSSES),
+                       help="dicece: soft Dice + cross-entropy; dice; ce: cross-entropy; dicefocal: soft "
+                            "Dice + focal loss (gamma 2); MONAI's Dice and focal terms, on softmax scores")
+    train.add_argument("-class_weights", type=class_weight_word, nargs="+", default=None, metavar="WEIGHT",
+                       help="class weights (background first) of the cross-entropy or focal term: none; "
+                            f"auto: from each class's share f of the training cases' voxels, (1/f)^{CLASS_WEIGHT_POWER:g} "
+                            "scaled to average 1 (printed, and saved in config.json); or one number per "
+                            "class (default: none)")
+
     model = p.add_argument_group("model")
+    model.add_argument("-architecture", type=str, default="unet", choices=list(ARCHITECTURES),
+                       help="MONAI network: unet (UNet), dynunet (DynUNet, planned from the patch size "
+                            "and spacing as nnU-Net), segresnet (SegResNet), unetr (UNETR), swinunetr (SwinUNETR)")
     model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
-                       help="U-Net feature channels per level; each level after the first halves "
-                            "the resolution")
+                       help="the network's width. unet: feature channels per level, each level after the "
+                            "first halving the resolution; dynunet: filters per level, cut to the planned "
+                            "levels or extended by doubling (at most 320); segresnet: init_filters is the "
+                            "first (a multiple of 8), levels the count; unetr: feature_size is the first "
+                            "(ViT hidden size 12x it); swinunetr: feature_size is the first (a multiple of 12)")
     model.add_argument("-num_res_units", type=non_negative_int, default=1,
-                       help="residual units per U-Net level (0, 1 and 2 measured: 1 is the most "
+                       help="unet only: residual units per level (0, 1 and 2 measured: 1 is the most "
                             "accurate in 10 CPU minutes, benchmarks/README.md)")
+    model.add_argument("-deep_supervision", default=True,
+                       help="dynunet only: the loss on every decoder output but the lowest, weighted "
+                            "1/2^i and normalised as nnU-Net does (it needs 3 or more downsamplings); "
+                            "predictions use the full-resolution output only", **flag)
 
     run = p.add_argument_group("checkpoints")
     run.add_argument("-best_models_dir", type=str, default="best_models",
@@ -208,10 +246,14 @@ class Config:
     augment: bool
     patch_size: list[int]
     foreground_crops: float
+    loss: str
+    class_weights: list[float] | str | None   # None, "auto" or one weight per class
     random_seed: int
     device: str
+    architecture: str
     channels: list[int]
     num_res_units: int
+    deep_supervision: bool
     best_models_dir: str
     train_from_checkpoint: str | None
     fine_tune: bool
@@ -245,6 +287,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                          f"class, got {names}")
         elif len(set(names)) < len(names):
             parser.error(f"-label_names names a class twice: {names}")
+    words = namespace.class_weights
+    if words is not None and any(isinstance(word, str) for word in words):
+        if len(words) > 1:
+            parser.error(f"argument -class_weights: give none, auto, or one number per class, not {words}")
+        namespace.class_weights = None if words[0] == "none" else "auto"
     if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
         namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
     return Config(**vars(namespace))

@@ -15,6 +15,7 @@ import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from utils.errors import CheckpointError
+from utils.model import saved_model_config
 
 REQUIRED_KEYS = ("model", "model_config", "preprocessing")
 
@@ -72,17 +73,23 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this program "
                               f"(it lacks {[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]}). "
                               f"Pass a best.pt or last.pt written by main.py.")
+    state["model_config"] = saved_model_config(state["model_config"])    # U-Nets saved before -architecture
     return state
 
 
 def check_same_model(state: dict, expected: dict, path: str | Path) -> None:
     """Refuse a checkpoint whose network differs from the one built for this data and config."""
     saved = state["model_config"]
+    if saved.get("architecture") != expected["architecture"]:
+        raise CheckpointError(f"{path} holds a {saved.get('architecture')} network, not a "
+                              f"{expected['architecture']}. Leave -architecture out to continue from it, or "
+                              f"pass a checkpoint of a {expected['architecture']}.")
     different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if different:
         lines = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in different.items())
         raise CheckpointError(f"{path} holds a different network ({lines}). Use a checkpoint trained "
-                              f"for this task, or set -channels/-num_res_units to match it.")
+                              f"for this task, or leave out (or set to match it) -channels, -num_res_units, "
+                              f"-deep_supervision and -patch_size, which otherwise come from its run.")
 
 
 def rng_states() -> dict:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -21,6 +20,7 @@ from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
 from utils.cache import Cases
 from utils.distributed import Place, any_process, gather, unwrap
 from utils.evaluation import amp_dtype, autocast_for, evaluate
+from utils.losses import DeepSupervisionLoss, deep_supervision_weights, segmentation_loss
 from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
@@ -28,9 +28,12 @@ POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / ep
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (0.3 s a drawing) and at the end
 
 
-def make_loss() -> nn.Module:
-    """Dice + cross-entropy on softmax scores; labels (B, 1, D, H, W) are one-hot encoded inside."""
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+def make_loss(name: str = "dicece", class_weights: list[float] | None = None, outputs: int = 1) -> nn.Module:
+    """-loss `name` (default Dice + cross-entropy) with `class_weights` on its cross-entropy or
+    focal term (utils/losses.py). With several training outputs (a DynUNet's deep supervision), the
+    loss of each, weighted as nnU-Net weights them."""
+    loss = segmentation_loss(name, class_weights)
+    return loss if outputs == 1 else DeepSupervisionLoss(loss, deep_supervision_weights(outputs))
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -92,13 +95,17 @@ class Trainer:
     # ------------------------------------------------------------ one step
 
     def forward_pass(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, D, H, W), labels (B, 1, D, H, W) -> (loss, logits (B, K, D, H, W))."""
+        """images (B, C, D, H, W), labels (B, 1, D, H, W) -> (loss, logits (B, K, D, H, W)).
+
+        Under deep supervision the network returns (B, outputs, K, D, H, W), full resolution first:
+        the loss takes them all, and the full-resolution scores are returned."""
         images, labels = (t.to(self.device, non_blocking=True) for t in batch)
         images = images.contiguous(memory_format=memory_format(self.config))
         with self.autocast():
-            logits = self.model(images)
+            outputs = self.model(images)
         # The loss (softmax, log, sums) is computed in fp32 for accuracy.
-        loss = self.loss_fn(logits.float(), labels.long())
+        loss = self.loss_fn(outputs.float(), labels.long())
+        logits = outputs[:, 0] if outputs.ndim > labels.ndim else outputs
         return loss, logits
 
     def backward_pass(self, loss: torch.Tensor) -> None:
