@@ -281,6 +281,9 @@ def run(config: Config, argv: list[str] | None = None) -> int:
     place = start(choose_device(config.device))
     try:
         train(config, argv, place)
+        # Under torchrun, the first process may still be writing checkpoints and pictures: wait for
+        # it, because gloo aborts a process whose peer takes the group down under it.
+        barrier(place)
     finally:
         stop(place)
     return 0
