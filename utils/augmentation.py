@@ -32,15 +32,18 @@ class BatchAugmentation:
     noise_std: float = 0.1
 
     def __call__(self, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch.stack makes new tensors (never views of the memory-mapped cases): augment them in place.
         images = torch.stack([image for image, _ in samples])
         labels = torch.stack([label for _, label in samples])
-        return self.augment(images, labels)
+        return self.augment_in_place(images, labels)
 
     def augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, D, H, W) float, labels (B, 1, D, H, W) uint8 -> augmented copies."""
-        images, labels = images.clone(), labels.clone()
+        return self.augment_in_place(images.clone(), labels.clone())
+
+    def augment_in_place(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(images)
-        # Each step changes only the samples it draws (in place on the copies).
+        # Each step changes only the samples it draws, in place.
         flip = torch.nonzero(torch.rand(n) < self.flip_probability).flatten()
         images[flip], labels[flip] = images[flip].flip(LEFT_RIGHT), labels[flip].flip(LEFT_RIGHT)
         chosen = torch.nonzero(torch.rand(n) < self.affine_probability).flatten()
