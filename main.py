@@ -143,7 +143,8 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
             raise UserError(f"The data in {info.task_dir} preprocesses differently from the run being "
                             f"resumed. Use the same -data_dir as that run.")
     else:
-        split = split_cases(cases.ids, config.train_val_ratio, config.random_seed, info.split)
+        split_seed = config.random_seed if config.split_seed is None else config.split_seed
+        split = split_cases(cases.ids, config.train_val_ratio, split_seed, info.split)
     train_cases, val_cases = cases.subset(split["train"]), cases.subset(split["val"])
     if config.batch_size > len(train_cases):
         say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "

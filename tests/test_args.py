@@ -130,7 +130,7 @@ def test_a_time_limit_alone_lets_the_clock_end_the_run():
 BAD_VALUES = {
     "-train_val_ratio": "1", "-num_workers": "-1", "-batch_size": "0", "-epochs": "-3", "-Nit": "0",
     "-lr": "nan", "-momentum": "1.5", "-weight_decay": "-1e-5", "-early_stopping": "0",
-    "-max_minutes": "-5", "-random_seed": "4294967296", "-patch_size": "0", "-channels": "-16",
+    "-max_minutes": "-5", "-random_seed": "4294967296", "-split_seed": "-1", "-patch_size": "0", "-channels": "-16",
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
     "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
     "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy",

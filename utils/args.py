@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "label files)")
     data.add_argument("-train_val_ratio", type=open_ratio, default=0.8,
                       help="fraction of labelled cases used for training")
+    data.add_argument("-split_seed", type=optional(seed_value), default=None,
+                      help="seed of the training/validation split, so that runs with different "
+                           "-random_seed can be compared on the same validation cases (default: None, "
+                           "the -random_seed)")
     data.add_argument("-cache_dir", type=str, default="preprocessed",
                       help="folder for the preprocessed cases (.npy files, memory-mapped, so a data set "
                            "larger than memory trains); built once, reused by later runs and -evaluate, "
@@ -231,6 +235,7 @@ class Config:
     data_dir: str
     label_names: list[str] | None
     train_val_ratio: float
+    split_seed: int | None               # None: the random_seed
     cache_dir: str
     num_workers: int
     batch_size: int | None               # None until `for_device` fills in the device's default
