@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from utils.args import Config, explicit_options, for_device, parse_args
+from utils.args import Config, explicit_options, for_device, parse_args, refuse_options_that_do_not_apply
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.cache import Cases, load_cases
 from utils.data_class import split_cases, train_loader
@@ -27,7 +27,7 @@ from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
 from utils.layouts import TaskInfo, read_data
-from utils.losses import CLASS_WEIGHT_POWER, class_frequencies, weights_from_frequencies
+from utils.losses import choose_class_weights
 from utils.model import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
                          freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
 from utils.prediction import predict_files
@@ -36,8 +36,6 @@ from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_opt
 
 # The options that decide the network: a DynUNet is planned from the patch size, UNETR takes it as input.
 NETWORK_OPTIONS = ("architecture", "channels", "num_res_units", "deep_supervision", "patch_size")
-# Options that only one network takes: typed for another, they are refused rather than ignored.
-ONLY_FOR = {"num_res_units": "unet", "deep_supervision": "dynunet"}
 
 
 def resumed_config(config: Config, argv: list[str] | None) -> tuple[Config, dict]:
@@ -61,44 +59,13 @@ def with_network_of(checkpoint: dict, config: Config, argv: list[str] | None) ->
     return dataclasses.replace(config, **{name: saved[name] for name in NETWORK_OPTIONS if name not in typed})
 
 
-def refuse_options_that_do_not_apply(config: Config, argv: list[str] | None) -> None:
-    typed = explicit_options(argv)
-    for option, architecture in ONLY_FOR.items():
-        if option in typed and config.architecture != architecture:
-            raise UserError(f"-{option} applies to -architecture {architecture} only; this run's network is "
-                            f"{config.architecture}. Leave -{option} out, or pass -architecture {architecture}.")
-    if config.loss == "dice" and config.class_weights is not None:
-        raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
-                        "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")
-
-
-def class_weights(config: Config, info: TaskInfo, train_cases: Cases, resume_state: dict | None,
-                  say: Callable) -> dict:
-    """The cross-entropy weights of -class_weights as run_info keeps them, so that config.json and
-    the checkpoints show them: {"class_weights": one per class, background first, or None;
-    "class_frequencies": with auto, the voxel shares they came from, else None}. -resume takes
-    them from its checkpoint, so it continues with the same loss."""
+def run_class_weights(config: Config, info: TaskInfo, train_cases: Cases, resume_state: dict | None,
+                      say: Callable) -> dict:
+    """-class_weights as run_info keeps them (config.json, checkpoints); -resume continues with
+    the weights of its checkpoint, so with the same loss."""
     if resume_state is not None:
         return {key: resume_state.get(key) for key in ("class_weights", "class_frequencies")}
-    names = [name for _, name in sorted(info.label_names.items())]
-    if config.class_weights is None:
-        return {"class_weights": None, "class_frequencies": None}
-    if config.class_weights == "auto":
-        frequencies = class_frequencies(train_cases.native_labels, info.num_classes)
-        absent = [name for name, share in zip(names, frequencies) if share == 0]
-        if absent:
-            raise UserError(f"-class_weights auto: the {len(train_cases)} training cases have no voxel of "
-                            f"{', '.join(absent)}, so there is no frequency to weight by. Give one weight "
-                            f"per class instead, background first.")
-        weights = weights_from_frequencies(frequencies)
-        say(f"Class weights (auto, (1/f)^{CLASS_WEIGHT_POWER:g} of each class's share f of the training "
-            f"voxels, mean 1): " + ", ".join(f"{name} {w:.3f} (f {share:.4f})"
-                                             for name, w, share in zip(names, weights, frequencies)))
-        return {"class_weights": weights, "class_frequencies": frequencies}
-    if len(config.class_weights) != info.num_classes:
-        raise UserError(f"-class_weights gives {len(config.class_weights)} weights, but the data has "
-                        f"{info.num_classes} classes ({', '.join(names)}): give one per class, background first.")
-    return {"class_weights": list(config.class_weights), "class_frequencies": None}
+    return choose_class_weights(config.class_weights, info.label_names, train_cases.native_labels, say)
 
 
 def train(config: Config, argv: list[str] | None, place: Place) -> Path:
@@ -189,7 +156,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     model = wrap(model, place)           # DDP under torchrun, the network itself otherwise
 
     # Training
-    weights = class_weights(config, info, train_cases, resume_state, say)
+    weights = run_class_weights(config, info, train_cases, resume_state, say)
     run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()},

@@ -155,3 +155,13 @@ def test_config_json_records_the_batch_size_used_on_the_cpu(task_dir, tmp_path):
                        "-epochs", "1"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert saved["batch_size"] == 2 and load_checkpoint(tmp_path / "run" / "last.pt")["config"]["batch_size"] == 2
+
+
+def test_split_seed_keeps_the_validation_cases_when_the_random_seed_changes(task_dir, tmp_path):
+    def split(name, *options):
+        assert run_main(task_dir, tmp_path / name, "-epochs", "1", "-Nit", "1", *options) == 0
+        return json.loads((tmp_path / name / "config.json").read_text())["split"]
+
+    default = split("default")
+    assert split("seed_3_same_split", "-random_seed", "3", "-split_seed", "42") == default
+    assert split("seed_3", "-random_seed", "3")["val"] != default["val"]

@@ -10,9 +10,10 @@ from monai.losses import DiceCELoss
 import main as entry
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.losses import (DeepSupervisionLoss, class_frequencies, deep_supervision_weights, segmentation_loss,
+from utils.args import parse_args
+from utils.losses import (DeepSupervisionLoss, choose_class_weights, class_frequencies, deep_supervision_weights, segmentation_loss,
                           weights_from_frequencies)
-from utils.model import (ARCHITECTURES, build_model, check_network_options, downsampling_factor, input_multiples,
+from utils.model import (ARCHITECTURES, DEFAULT_CHANNELS, build_model, check_network_options, downsampling_factor, input_multiples,
                          last_layer, model_config, plan_dynunet)
 
 # TINY (conftest) without its network options, which each network below gives its own; and one
@@ -228,3 +229,22 @@ def test_class_weights_auto_are_printed_saved_and_kept_by_resume(task_dir, tmp_p
     state = load_checkpoint(run / "last.pt")
     assert state["class_weights"] == weights and state["class_frequencies"] == frequencies
     assert "Class weights" not in capsys.readouterr().out      # read back, not computed again
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_each_network_takes_its_own_default_width(name):
+    channels = parse_args(["-architecture", name]).channels
+    assert channels == list(DEFAULT_CHANNELS[name])
+    check_network_options(name, channels, [64, 64, 64])        # no refusal of a default
+    assert parse_args(["-architecture", name, "-channels", "24", "48"]).channels == [24, 48]
+
+
+def test_choose_class_weights_refuses_a_missing_class_and_a_wrong_count():
+    names = {0: "background", 1: "left", 2: "right"}
+    labels = [torch.tensor([0, 0, 1, 1])]                       # no voxel of "right"
+    with pytest.raises(UserError, match="training cases have no voxel of right"):
+        choose_class_weights("auto", names, labels, say=lambda *a: None)
+    with pytest.raises(UserError, match=r"gives 2 weights, but the data has 3 classes \(background, left, right\)"):
+        choose_class_weights([1.0, 2.0], names, labels)
+    assert choose_class_weights(None, names, labels) == {"class_weights": None, "class_frequencies": None}
+    assert choose_class_weights([1, 2, 3], names, labels)["class_weights"] == [1, 2, 3]

@@ -12,8 +12,9 @@ import json
 import os
 from typing import Any, Sequence
 
+from utils.errors import UserError
 from utils.losses import CLASS_WEIGHT_POWER, LOSSES
-from utils.model import ARCHITECTURES
+from utils.model import ARCHITECTURES, DEFAULT_CHANNELS
 
 EPOCHS_UNDER_A_TIME_LIMIT = 100_000
 TRUE_WORDS = {"true", "yes", "y", "1", "on"}
@@ -67,6 +68,8 @@ seed_value = checked(int, lambda v: 0 <= v < 2 ** 32, "is outside 0 to 2**32 - 1
 # -batch_size when it is not given: a GPU runs a batch of 16 about as fast as a batch of 2, while
 # on a 2-core CPU more, smaller steps learn more in 10 minutes (benchmarks/README.md).
 BATCH_SIZE_BY_DEVICE = {"cuda": 16, "cpu": 2}
+# Options that only one network takes: typed for another, they are refused rather than ignored.
+ONLY_FOR = {"num_res_units": "unet", "deep_supervision": "dynunet"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -183,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-architecture", type=str, default="unet", choices=list(ARCHITECTURES),
                        help="MONAI network: unet (UNet), dynunet (DynUNet, planned from the patch size "
                             "and spacing as nnU-Net), segresnet (SegResNet), unetr (UNETR), swinunetr (SwinUNETR)")
-    model.add_argument("-channels", type=positive_int, nargs="+", default=[16, 32, 64, 128],
+    model.add_argument("-channels", type=positive_int, nargs="+", default=None,
                        help="the network's width. unet: feature channels per level, each level after the "
                             "first halving the resolution; dynunet: filters per level, cut to the planned "
                             "levels or extended by doubling (at most 320); segresnet: init_filters is the "
                             "first (a multiple of 8), levels the count; unetr: feature_size is the first "
-                            "(ViT hidden size 12x it); swinunetr: feature_size is the first (a multiple of 12)")
+                            "(ViT hidden size 12x it); swinunetr: feature_size is the first (a multiple of 12) "
+                            "(default: " + "; ".join(f"{name} {' '.join(map(str, widths))}"
+                                                     for name, widths in DEFAULT_CHANNELS.items()) + ")")
     model.add_argument("-num_res_units", type=non_negative_int, default=1,
                        help="unet only: residual units per level (0, 1 and 2 measured: 1 is the most "
                             "accurate in 10 CPU minutes, benchmarks/README.md)")
@@ -281,6 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     namespace = parser.parse_args(argv)
     if namespace.config is not None:
         return config_from_file(namespace.config, argv)
+    if namespace.channels is None:
+        namespace.channels = list(DEFAULT_CHANNELS[namespace.architecture])
     if len(namespace.channels) < 2:
         parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
     if namespace.label_names is not None:
@@ -344,3 +351,16 @@ def config_from_dict(options: dict[str, Any]) -> Config:
         values = value if isinstance(value, (list, tuple)) else [value]
         argv += [f"-{name}", *(str(v) for v in values)]
     return parse_args(argv)
+
+
+def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None) -> None:
+    """Refuse options typed on `argv` that this run would ignore: a network's own option given for
+    another network, class weights for a loss without a weighted term."""
+    typed = explicit_options(argv)
+    for option, architecture in ONLY_FOR.items():
+        if option in typed and config.architecture != architecture:
+            raise UserError(f"-{option} applies to -architecture {architecture} only; this run's network is "
+                            f"{config.architecture}. Leave -{option} out, or pass -architecture {architecture}.")
+    if config.loss == "dice" and config.class_weights is not None:
+        raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
+                        "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")

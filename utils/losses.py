@@ -6,12 +6,14 @@ losses do.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
+
+from utils.errors import UserError
 
 LOSSES = ("dicece", "dice", "ce", "dicefocal")
 FOCAL_GAMMA = 2.0          # MONAI's (and the focal loss paper's) default
@@ -37,6 +39,33 @@ def weights_from_frequencies(frequencies: Sequence[float], power: float = CLASS_
     raw = [(1.0 / f) ** power for f in frequencies]
     mean = sum(raw) / len(raw)
     return [w / mean for w in raw]
+
+
+def choose_class_weights(choice: Sequence[float] | str | None, label_names: dict[int, str],
+                         labels: Sequence[torch.Tensor], say: Callable = print) -> dict:
+    """-class_weights `choice` (None, "auto" or one weight per class) for data with these classes,
+    as config.json and the checkpoints keep them: {"class_weights": one per class, background
+    first, or None; "class_frequencies": with auto, the voxel shares of `labels` (the training
+    cases' label maps) they came from, else None}."""
+    names = [name for _, name in sorted(label_names.items())]
+    if choice is None:
+        return {"class_weights": None, "class_frequencies": None}
+    if choice == "auto":
+        frequencies = class_frequencies(labels, len(names))
+        absent = [name for name, share in zip(names, frequencies) if share == 0]
+        if absent:
+            raise UserError(f"-class_weights auto: the {len(labels)} training cases have no voxel of "
+                            f"{', '.join(absent)}, so there is no frequency to weight by. Give one weight "
+                            f"per class instead, background first.")
+        weights = weights_from_frequencies(frequencies)
+        say(f"Class weights (auto, (1/f)^{CLASS_WEIGHT_POWER:g} of each class's share f of the training "
+            f"voxels, mean 1): " + ", ".join(f"{name} {w:.3f} (f {share:.4f})"
+                                             for name, w, share in zip(names, weights, frequencies)))
+        return {"class_weights": weights, "class_frequencies": frequencies}
+    if len(choice) != len(names):
+        raise UserError(f"-class_weights gives {len(choice)} weights, but the data has {len(names)} classes "
+                        f"({', '.join(names)}): give one per class, background first.")
+    return {"class_weights": list(choice), "class_frequencies": None}
 
 
 class CrossEntropy(nn.Module):

@@ -22,6 +22,11 @@ from utils.errors import UserError
 ARCHITECTURES = {"unet": "UNet", "dynunet": "DynUNet", "segresnet": "SegResNet", "unetr": "UNETR",
                  "swinunetr": "SwinUNETR"}
 
+# -channels when not given: the U-Net's measured default for the CNNs; SwinUNETR's width must be a
+# multiple of 12 (its attention heads), and MONAI's default 24 is the smallest it documents.
+DEFAULT_CHANNELS = {"unet": (16, 32, 64, 128), "dynunet": (16, 32, 64, 128), "segresnet": (16, 32, 64, 128),
+                    "unetr": (16, 32, 64, 128), "swinunetr": (24, 48, 96, 192, 384)}
+
 # The DynUNet is planned as nnU-Net plans its U-Net (nnunetv2 get_pool_and_conv_props; MONAI's
 # DynUNet tutorial plans alike): an axis is halved while it keeps at least MIN_FEATURE_MAP voxels
 # and its spacing is less than ANISOTROPY_RATIO times the finest, at most MAX_DOWNSAMPLINGS times.
