@@ -27,10 +27,13 @@ from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
 from utils.layouts import TaskInfo, read_data
+from utils.lr_finder import SUGGESTION_RULE, range_test, write_range_test
 from utils.losses import choose_class_weights
+from utils.memory import describe_peak, peak_memory, reset_peak
 from utils.model import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
                          freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
 from utils.prediction import predict_files
+from utils.sweep import run_sweep
 from utils.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
@@ -68,8 +71,10 @@ def run_class_weights(config: Config, info: TaskInfo, train_cases: Cases, resume
     return choose_class_weights(config.class_weights, info.label_names, train_cases.native_labels, say)
 
 
-def train(config: Config, argv: list[str] | None, place: Place) -> Path:
-    """Train as `config` says; return the run folder. Under torchrun, one process of several."""
+def prepare_training(config: Config, argv: list[str] | None, place: Place,
+                     after_epoch: Callable[[dict], None] | None = None) -> tuple[Trainer, dict]:
+    """Everything a training run needs, ready to start: the data, the network, the loss, the
+    Trainer; and the contents of its config.json. Nothing is written yet but the run folder."""
     say = print if place.is_main else lambda *args, **kwargs: None
     resume_state = start_state = None
     if config.resume:
@@ -81,7 +86,7 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
     check_network_options(config.architecture, config.channels, config.patch_size)
     config = for_device(config, place.device.type)      # e.g. the batch size, if not given
     run_dir = Path(config.best_models_dir)
-    if resume_state is None and (run_dir / "last.pt").exists():
+    if resume_state is None and not config.lr_find and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
                         f"Continue it with -resume True, or choose another -best_models_dir.")
     device = place.device
@@ -164,18 +169,54 @@ def train(config: Config, argv: list[str] | None, place: Place) -> Path:
                 **weights}
     loss = make_loss(config.loss, weights["class_weights"], training_outputs(architecture))
     trainer = Trainer(model, loss, optimizer, loader, val_cases, config, run_dir, device,
-                      info.foreground_names, run_info, place)
+                      info.foreground_names, run_info, place, after_epoch=after_epoch)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
         say(f"Resuming {run_dir} after epoch {trainer.epoch}")
+    return trainer, {"config": config.to_dict(), "versions": versions(), "processes": place.world_size, **run_info}
+
+
+def train(config: Config, argv: list[str] | None, place: Place,
+          after_epoch: Callable[[dict], None] | None = None) -> Trainer:
+    """Train as `config` says; return the Trainer, which has run. Under torchrun, one process of
+    several. `after_epoch` gets each epoch's row of metrics.csv (a sweep's pruner)."""
+    trainer, run_config = prepare_training(config, argv, place, after_epoch)
+    run_dir = trainer.run_dir
     if place.is_main:
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "versions": versions(), "processes": place.world_size, **run_info},
-            indent=2))
+        write_json(run_dir / "config.json", run_config)
+    reset_peak(place.device)
     trainer.training_loop()
-    say(f"Done. Best validation mean Dice {trainer.best_metric:.4f}; checkpoints, metrics.csv and "
-          f"config.json are in {run_dir}")
-    return run_dir
+    peaks = peak_memory(place.device)
+    if place.is_main:
+        write_json(run_dir / "config.json", {**run_config, "peak_memory": peaks, "epochs_trained": trainer.epoch,
+                                             "best_dice_mean": trainer.best_metric})
+    trainer.say(f"Done. Best validation mean Dice {trainer.best_metric:.4f}, {describe_peak(peaks)}; checkpoints, "
+                f"metrics.csv and config.json are in {run_dir}")
+    return trainer
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Written whole to a temporary file, then renamed over `path`: never half a file."""
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(content, indent=2))
+    temporary.replace(path)
+
+
+def find_learning_rate(config: Config, argv: list[str] | None, place: Place) -> None:
+    """-lr_find: the range test on this run's model, loss, precision and augmented batches; writes
+    lr_find.csv and lr_find.png to the run folder and prints the suggested -lr. No training, no
+    checkpoint: the weights it starts from (-train_from_checkpoint) are only read."""
+    if place.distributed:
+        raise UserError("-lr_find runs in one process: start it with python main.py, not torchrun.")
+    trainer, _ = prepare_training(config, argv, place)
+    test = range_test(trainer)
+    csv_path, png_path = write_range_test(test, trainer.run_dir)
+    print(f"Range test: {len(test.lrs)} steps from lr {test.lrs[0]:.2g} to {test.lrs[-1]:.2g}"
+          + (" (stopped: the loss diverged)" if test.diverged else "") + f"; {csv_path}, {png_path}")
+    if test.suggestion is None:
+        raise UserError("The range test's loss did not fall anywhere, so it suggests no learning rate. "
+                        f"Look at {png_path}; try -lr_find with more data per step (-batch_size) or check the data.")
+    print(f"suggested -lr {test.suggestion:.3g} ({SUGGESTION_RULE})")
 
 
 def trained_model(config: Config, device: torch.device) -> tuple[torch.nn.Module, dict, Path]:
@@ -246,8 +287,20 @@ def run(config: Config, argv: list[str] | None = None) -> int:
     if config.evaluate:
         evaluate_checkpoint(config, argv)
         return 0
+    if config.sweep is not None:
+        place = start(choose_device(config.device))
+        if place.distributed:
+            raise UserError("-sweep runs its trials one after another in each process: start several "
+                            "processes with python main.py (README: Experiments), not torchrun.")
+        words = list(sys.argv[1:] if argv is None else argv)
+        run_sweep(config, words, lambda trial_config, trial_argv, report: train(trial_config, trial_argv, place, report),
+                  place.device)
+        return 0
     place = start(choose_device(config.device))
     try:
+        if config.lr_find:
+            find_learning_rate(config, argv, place)
+            return 0
         train(config, argv, place)
         # Under torchrun, the first process may still be writing checkpoints and pictures: wait for
         # it, because gloo aborts a process whose peer takes the group down under it.
@@ -272,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
               f"some space or fix the permissions, then continue with -resume True.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if config.sweep is not None:
+            print(f"\nSweep interrupted; the trial that was running is recorded as interrupted and will run "
+                  f"again. Continue the sweep with the same command.", file=sys.stderr)
+            return 130
         print(f"\nInterrupted. The last completed epoch is saved in {config.best_models_dir}/last.pt; "
               f"continue with: python main.py -best_models_dir {config.best_models_dir} -resume True",
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """Fixtures: tiny synthetic MSD-style tasks written to a temporary folder (no real data needed)."""
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ sys.path.insert(0, str(ROOT))
 # CPU, so that runs repeat bit for bit (and a machine with a GPU runs the same tests).
 TINY = ["-channels", "4", "8", "-num_res_units", "0", "-batch_size", "2", "-Nit", "2", "-epochs", "2",
         "-lr", "0.01", "-device", "cpu"]
+
+
+def learning_figures(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows without the memory columns (*_mb), which differ between identical runs."""
+    rows = list(csv.DictReader(open(Path(run_dir) / "metrics.csv")))
+    return [{key: value for key, value in row.items() if not key.endswith("_mb")} for row in rows]
 
 
 def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int], as_uint8: bool):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main as entry
-from conftest import ROOT, TINY, interrupt_validation
+from conftest import ROOT, TINY, interrupt_validation, learning_figures
 from utils.checkpoint import load_checkpoint
 from utils.model import build_model, last_layer
 from utils.trainer_class import Trainer
@@ -45,7 +45,7 @@ def test_interrupted_run_resumes_to_the_same_result(task_dir, tmp_path, monkeypa
     monkeypatch.undo()
 
     assert entry.main(["-best_models_dir", str(parts), "-resume", "True"]) == 0
-    assert metrics(parts) == metrics(whole)
+    assert learning_figures(parts) == learning_figures(whole)
     a, b = load_checkpoint(whole / "last.pt")["model"], load_checkpoint(parts / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

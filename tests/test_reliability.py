@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import main as entry
-from conftest import ROOT, TINY, write_task
+from conftest import ROOT, TINY, learning_figures, write_task
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError
@@ -27,8 +27,8 @@ def options(task_dir, run_dir, *extra):
     return ["-data_dir", str(task_dir), "-best_models_dir", str(run_dir), *TINY, *EPOCHS, *extra]
 
 
-def metrics_text(run_dir) -> str:
-    return (run_dir / "metrics.csv").read_text()
+def metrics_text(run_dir) -> list[dict]:
+    return learning_figures(run_dir)
 
 
 def same_weights(a, b) -> bool:

@@ -214,11 +214,11 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
 
 def test_curves_are_redrawn_at_most_every_interval_and_after_the_last_epoch(task_dir, tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr("utils.trainer_class.plot_curves", lambda history, names, path: drawn.append(len(history)))
+    monkeypatch.setattr("utils.run_log.plot_curves", lambda history, names, path: drawn.append(len(history)))
     make_trainer(task_dir, tmp_path / "run", epochs=4).training_loop()
     assert drawn == [1, 4]          # quick epochs: the first, then the whole run at the end
     drawn.clear()
-    monkeypatch.setattr("utils.trainer_class.CURVES_EVERY_SECONDS", 0)
+    monkeypatch.setattr("utils.run_log.CURVES_EVERY_SECONDS", 0)
     make_trainer(task_dir, tmp_path / "run2", epochs=3).training_loop()
     assert drawn == [1, 2, 3, 3]
 

@@ -229,6 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the largest connected component of each class in predictions", **flag)
     use.add_argument("-config", type=optional(existing_file), default=None,
                      help="a run's config.json to repeat; options on the command line override it")
+
+    experiments = p.add_argument_group("experiments")
+    experiments.add_argument("-lr_find", default=False,
+                             help="instead of training, the learning-rate range test (MONAI's "
+                                  "LearningRateFinder) on this run's model, loss, precision and batches: "
+                                  "writes lr_find.csv and lr_find.png to -best_models_dir and prints the "
+                                  "suggested -lr", **flag)
+    experiments.add_argument("-sweep", type=optional(existing_file), default=None,
+                             help="a JSON file of options to sweep: a list of values is a grid, "
+                                  '{"low": ..., "high": ..., "log": true} a range; each trial is a run in '
+                                  "<best_models_dir>/trial_<number>/ with the other options of this command")
+    experiments.add_argument("-trials", type=optional(positive_int), default=None,
+                             help="trials of a -sweep in all (every process together); None means every "
+                                  "point of a grid, or 10 when the space has a range")
+    experiments.add_argument("-sweep_storage", type=optional(str), default=None,
+                             help="where the sweep's study lives, shared by every process that runs the same "
+                                  "command: a database URL (sqlite:///file.db, postgresql://...) or "
+                                  "journal:PATH (a file on a shared folder); None means "
+                                  "sqlite:///<best_models_dir>/sweep.db")
     return p
 
 
@@ -275,6 +294,10 @@ class Config:
     tta: bool
     postprocess: bool
     config: str | None
+    lr_find: bool
+    sweep: str | None
+    trials: int | None
+    sweep_storage: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,6 +380,13 @@ def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None)
     """Refuse options typed on `argv` that this run would ignore: a network's own option given for
     another network, class weights for a loss without a weighted term."""
     typed = explicit_options(argv)
+    if config.lr_find and (config.resume or config.sweep):
+        raise UserError(f"-lr_find runs a range test on a new run's model, not with "
+                        f"{'-resume' if config.resume else '-sweep'}. Leave one of them out (to test from "
+                        f"trained weights, pass -train_from_checkpoint).")
+    for option in ("trials", "sweep_storage"):
+        if option in typed and config.sweep is None:
+            raise UserError(f"-{option} belongs to a sweep; pass -sweep space.json, or leave -{option} out.")
     for option, architecture in ONLY_FOR.items():
         if option in typed and config.architecture != architecture:
             raise UserError(f"-{option} applies to -architecture {architecture} only; this run's network is "

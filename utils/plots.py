@@ -64,6 +64,23 @@ def plot_curves(history: Sequence[dict], class_names: Sequence[str], path: str |
     return figure
 
 
+def plot_range_test(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
+                    path: str | Path | None = None) -> Figure:
+    """The learning-rate range test: smoothed training loss against learning rate (log scale),
+    the suggested learning rate marked."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(lrs, losses)
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested -lr {suggestion:.3g}")
+        ax.legend()
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    if path is not None:
+        figure.savefig(path, dpi=80)
+    return figure
+
+
 def plot_predictions(images: torch.Tensor, truths: torch.Tensor, predictions: torch.Tensor,
                      ids: Sequence[str], path: str | Path | None = None) -> Figure:
     """Orthogonal mid-slices of a few cases: ground truth (left) and prediction (right) overlaid.
@@ -111,4 +128,50 @@ def plot_augmentations(image: torch.Tensor, label: torch.Tensor, augmentation, c
     for row in range(1, count + 1):
         show_slices(axes[row], images[row - 1], labels[row - 1])
         axes[row, 0].set_title(f"augmented {row}", loc="left", fontsize=9)
+    return figure
+
+
+STATE_STYLES = {"complete": ("tab:blue", "o"), "pruned": ("tab:orange", "o"), "out of memory": ("tab:red", "x"),
+                "failed": ("dimgray", "x"), "interrupted": ("silver", "x"), "running": ("tab:green", ".")}
+
+
+def plot_sweep(rows: Sequence[dict], space: dict, path: str | Path | None = None) -> Figure:
+    """A sweep: each trial's best validation mean Dice against each swept option, and against the
+    time it started; one colour per state (trials without a Dice, e.g. out of memory, at 0)."""
+    from datetime import datetime
+    names = list(space)
+    figure = Figure(figsize=(4 * (len(names) + 1), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(names) + 1, squeeze=False)[0]
+    dice = [float(row["dice_mean"]) if row.get("dice_mean") not in ("", None) else 0.0 for row in rows]
+    states = [str(row["state"]).split(":")[0] for row in rows]
+    starts = [datetime.fromisoformat(row["started"]) for row in rows if row.get("started")]
+    first = min(starts) if starts else None
+    for ax, name in zip(axes, names):
+        spec = space[name]
+        values = [row[name] for row in rows]
+        if isinstance(spec, list):                      # categorical: one position per listed value
+            labels = [" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in spec]
+            x = [labels.index(str(v)) if str(v) in labels else -1 for v in values]
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0)
+        else:
+            x = [float(v) for v in values]
+            if spec.get("log"):
+                ax.set_xscale("log")
+        for state, (colour, marker) in STATE_STYLES.items():
+            points = [(xi, d) for xi, d, s in zip(x, dice, states) if s == state]
+            if points:
+                ax.scatter(*zip(*points), c=colour, marker=marker, label=state)
+        ax.set(xlabel=name, ylabel="best validation mean Dice", title=f"Dice against {name}")
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for state, (colour, marker) in STATE_STYLES.items():
+        points = [((datetime.fromisoformat(row["started"]) - first).total_seconds() / 60, d)
+                  for row, d, s in zip(rows, dice, states) if s == state and row.get("started")]
+        if points:
+            ax.scatter(*zip(*points), c=colour, marker=marker, label=state)
+    ax.set(xlabel="minutes since the first trial started", ylabel="best validation mean Dice", title="trials over time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        figure.savefig(path, dpi=80)
     return figure

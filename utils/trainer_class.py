@@ -1,14 +1,14 @@
 """The Trainer: forward_pass -> backward_pass, epoch after epoch, with validation and checkpoints.
 
-It knows nothing about files beyond its run folder (`run_dir`), where it writes best.pt, last.pt
-and metrics.csv.
+It knows nothing about files beyond its run folder (`run_dir`), where it writes best.pt and
+last.pt; what is printed and drawn (metrics.csv, pictures, TensorBoard) is utils/run_log.py's.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,11 +21,11 @@ from utils.cache import Cases
 from utils.distributed import Place, any_process, gather, unwrap
 from utils.evaluation import amp_dtype, autocast_for, evaluate
 from utils.losses import DeepSupervisionLoss, deep_supervision_weights, segmentation_loss
-from utils.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
+from utils.memory import peak_memory
+from utils.plots import mid_slices
+from utils.run_log import RunLog
 
-PICTURE_CASES = 3          # validation cases shown in predictions.png
 POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
-CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (0.3 s a drawing) and at the end
 
 
 def make_loss(name: str = "dicece", class_weights: list[float] | None = None, outputs: int = 1) -> nn.Module:
@@ -62,7 +62,8 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  train_loader: DataLoader, val_cases: Cases, config: Config, run_dir: str | Path, device: torch.device,
-                 class_names: list[str], run_info: dict, place: Place | None = None):
+                 class_names: list[str], run_info: dict, place: Place | None = None,
+                 run_log: RunLog | None = None, after_epoch: Callable[[dict], None] | None = None):
         self.model, self.loss_fn = model, loss_fn       # model: the network, or its DDP wrapper
         self.network = unwrap(model)                    # the network itself: evaluated and saved
         self.place = place or Place(device=device)      # rank and world size under torchrun
@@ -72,6 +73,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.class_names = class_names                  # foreground classes, e.g. Anterior, Posterior
         self.run_info = run_info                        # split, preprocessing, model_config: kept in checkpoints
+        self.run_log = run_log or RunLog(self.run_dir, class_names, is_main=self.place.is_main)
+        self.after_epoch = after_epoch                  # e.g. a sweep's pruner, given each epoch's row
 
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
@@ -88,7 +91,6 @@ class Trainer:
                                                               # case's prediction, after each epoch
         self.minutes_before = 0.0                       # training time of earlier sessions (-resume)
         self.started = time.monotonic()
-        self.curves_drawn = -math.inf                   # when curves.png was last drawn (monotonic s)
         # Poly decay of the learning rate to 0 over the run (nnU-Net's schedule).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.poly_factor)
 
@@ -198,10 +200,13 @@ class Trainer:
             if self.place.is_main:   # only the mid-slices: checkpoints keep every epoch's frame
                 frame = metrics["predictions"][0]
                 self.progress_frames.append([torch.as_tensor(s).to(torch.uint8) for s in mid_slices(frame)])
-            self.log(train_loss, metrics, improved)
+            self.history.append(self.epoch_row(train_loss, metrics))
+            self.run_log.epoch(self.history, improved, self.epoch_name(self.epoch), self.minutes_trained())
             if improved:
                 self.save("best.pt")
             self.save("last.pt")
+            if self.after_epoch is not None:
+                self.after_epoch(self.history[-1])
 
             patience = self.config.early_stopping
             # The validation figures are the same in every process, so they all stop together.
@@ -212,66 +217,30 @@ class Trainer:
             if self.time_is_up():
                 self.say(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
                 break
-        if predictions is not None and self.place.is_main:
-            self.draw_curves()
-            self.draw_pictures(predictions)
+        if predictions is not None:
+            self.run_log.end(self.history, predictions, self.val_cases, self.progress_frames)
 
     def say(self, text: str) -> None:
-        if self.place.is_main:
-            tqdm.write(text)
+        self.run_log.say(text)
 
     def save(self, name: str) -> None:
         state = self.state_dict()          # every process takes part: it gathers their RNG states
         if self.place.is_main:
             save_checkpoint(state, self.run_dir / name)
 
-    def draw_pictures(self, metrics: dict) -> None:
-        """predictions.png (a few validation cases) and progress.gif (one case across epochs)."""
-        shown = metrics["prediction_ids"][:PICTURE_CASES]
-        cases = self.val_cases.subset(shown)
-        native_images = [cases.native_image(i) for i in range(len(cases))]
-        plot_predictions(native_images, cases.native_labels, metrics["predictions"][:len(shown)], shown,
-                         self.run_dir / "predictions.png")
-        write_progress_gif(native_images[0], self.progress_frames, self.run_dir / "progress.gif", cases.ids[0])
-
-    def log(self, train_loss: float, metrics: dict, improved: bool) -> None:
-        row = {"epoch": self.epoch, "train_loss": round(train_loss, 6),
-               "val_loss": round(metrics["loss"], 6),
-               **{f"dice_{name}": round(d, 6) for name, d in zip(self.class_names, metrics["dice"].tolist())},
-               "dice_mean": round(metrics["dice"].mean().item(), 6),
-               "lr": self.optimizer.param_groups[0]["lr"]}
-        self.history.append(row)
-        if not self.place.is_main:
-            return
-        dice_text = " ".join(f"{name} {row[f'dice_{name}']:.4f}" for name in self.class_names)
-        self.say(f"{self.epoch_name(self.epoch)}  train loss {row['train_loss']:.4f}  "
-                   f"val loss {row['val_loss']:.4f}  Dice {dice_text}  mean {row['dice_mean']:.4f}"
-                   f"  ({self.minutes_trained():.1f} min)" + ("  *best*" if improved else ""))
-        self.write_metrics_csv()
-        # With 10-second epochs, drawing every epoch would cost 3 % of the training time.
-        if time.monotonic() - self.curves_drawn >= CURVES_EVERY_SECONDS:
-            self.draw_curves()
-
-    def draw_curves(self) -> None:
-        plot_curves(self.history, self.class_names, self.run_dir / "curves.png")
-        self.curves_drawn = time.monotonic()
+    def epoch_row(self, train_loss: float, metrics: dict) -> dict:
+        """The epoch's row of metrics.csv: losses, validation Dice per class and mean, learning
+        rate, and the process's peak memory so far."""
+        return {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(metrics["loss"], 6),
+                **{f"dice_{name}": round(d, 6) for name, d in zip(self.class_names, metrics["dice"].tolist())},
+                "dice_mean": round(metrics["dice"].mean().item(), 6),
+                "lr": self.optimizer.param_groups[0]["lr"], **peak_memory(self.device)}
 
     def epoch_name(self, number: int) -> str:
         """'epoch  12/100', or 'epoch  12' when the time budget, not -epochs, ends the run."""
         if self.config.epochs == EPOCHS_UNDER_A_TIME_LIMIT:
             return f"epoch {number:3d}"
         return f"epoch {number:3d}/{self.config.epochs}"
-
-    def write_metrics_csv(self) -> None:
-        # Rewritten whole from the history every epoch, so after -resume it holds exactly the
-        # epochs of the checkpoint, never a duplicate row from an interrupted epoch.
-        path = self.run_dir / "metrics.csv"
-        temporary = path.with_suffix(".csv.tmp")
-        with open(temporary, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(self.history[0]))
-            writer.writeheader()
-            writer.writerows(self.history)
-        temporary.replace(path)
 
     # ------------------------------------------------------------ checkpoints
 

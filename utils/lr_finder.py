@@ -1,0 +1,89 @@
+"""The learning-rate range test (-lr_find): MONAI's LearningRateFinder, stepping with the run's own
+training step.
+
+From START_LR, the learning rate grows exponentially over at most STEPS training steps towards
+END_LR, and the smoothed loss of each step is recorded; the test stops early once the loss
+diverges (DIVERGED times its best, or not finite). Each step is the Trainer's own forward_pass and
+backward_pass, so it has the run's model, loss (deep supervision included), autocast, GradScaler
+and augmented batches. Afterwards MONAI puts the model and the optimizer back as they were.
+
+The suggestion is MONAI's `get_steepest_gradient`: the learning rate where the smoothed loss falls
+fastest (per step, so per factor of learning rate), leaving out the first SKIP_START steps, where
+the smoothing has not settled yet, and the last SKIP_END, where it turns towards divergence.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from monai.optimizers import LearningRateFinder
+
+from utils.plots import plot_range_test
+
+START_LR = 1e-5
+END_LR = 10.0
+STEPS = 100
+SMOOTHING = 0.05           # MONAI's default: loss_i = 0.05 * loss + 0.95 * loss_(i-1)
+DIVERGED = 5               # MONAI's default: stop when the loss exceeds 5x its best
+SKIP_START, SKIP_END = 10, 5
+SUGGESTION_RULE = (f"the steepest fall of the smoothed loss, MONAI's get_steepest_gradient, "
+                   f"leaving out the first {SKIP_START} and last {SKIP_END} steps")
+
+
+@dataclass
+class RangeTestResult:
+    lrs: list[float]
+    losses: list[float]            # smoothed, one per learning rate
+    suggestion: float | None       # None when the loss fell nowhere
+    diverged: bool                 # stopped before STEPS because the loss diverged
+
+
+class RunStepFinder(LearningRateFinder):
+    """MONAI's finder, each of whose steps is `trainer.forward_pass` then `trainer.backward_pass`."""
+
+    def __init__(self, trainer):
+        # MONAI refuses an optimizer that a scheduler has marked ("initial_lr"): the range test
+        # sets the learning rate itself. This process does not train afterwards.
+        for group in trainer.optimizer.param_groups:
+            group.pop("initial_lr", None)
+        super().__init__(trainer.model, trainer.optimizer, trainer.loss_fn, device=trainer.device, verbose=False)
+        self.trainer = trainer
+
+    def _train_batch(self, train_iter, accumulation_steps: int, non_blocking_transfer: bool = True) -> float:
+        loss, _ = self.trainer.forward_pass(next(train_iter))
+        self.trainer.backward_pass(loss)
+        value = loss.item()
+        return value if math.isfinite(value) else math.inf      # infinity ends the test as diverged
+
+
+def range_test(trainer) -> RangeTestResult:
+    """Run the range test with `trainer`'s model, loss, precision and training batches."""
+    finder = RunStepFinder(trainer)
+    trainer.model.train()
+    finder.range_test(trainer.train_loader, start_lr=START_LR, end_lr=END_LR, num_iter=STEPS,
+                      smooth_f=SMOOTHING, diverge_th=DIVERGED)
+    steps = len(finder.history["lr"])
+    kept = [(lr, loss) for lr, loss in zip(finder.history["lr"], finder.history["loss"]) if math.isfinite(loss)]
+    lrs, losses = [lr for lr, _ in kept], [loss for _, loss in kept]
+    suggestion = None
+    if len(kept) > SKIP_START + SKIP_END + 2:
+        finder.history = {"lr": lrs, "loss": losses}
+        lr, _ = finder.get_steepest_gradient(skip_start=SKIP_START, skip_end=SKIP_END)
+        considered = losses[SKIP_START:len(losses) - SKIP_END - 1]
+        if lr is not None and np.gradient(considered).min() < 0:   # a loss that only rises suggests nothing
+            suggestion = lr
+    return RangeTestResult(lrs, losses, suggestion, diverged=steps < STEPS)
+
+
+def write_range_test(result: RangeTestResult, run_dir: Path) -> tuple[Path, Path]:
+    """lr_find.csv (lr, loss) and lr_find.png (loss against lr, log scale, the suggestion marked)."""
+    csv_path, png_path = Path(run_dir) / "lr_find.csv", Path(run_dir) / "lr_find.png"
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["lr", "loss"])
+        writer.writerows(zip(result.lrs, result.losses))
+    plot_range_test(result.lrs, result.losses, result.suggestion, png_path)
+    return csv_path, png_path

@@ -1,0 +1,430 @@
+"""Sweeps (-sweep space.json): many training runs over a space of options, with Optuna as the engine.
+
+    {"lr": [0.005, 0.01, 0.02], "batch_size": [2, 4]}               a grid: every combination
+    {"lr": {"low": 0.001, "high": 0.1, "log": true}, "channels": [[8, 16], [16, 32]]}   a search
+
+Lists are grids (Optuna's GridSampler); an object is a range (ints for int options), searched by
+Optuna's default sampler (TPE), lists then being categorical choices. Each trial is an ordinary run
+in <best_models_dir>/trial_<number>/ with this command's other options, so -evaluate, -predict,
+-resume and -config work on it. Its validation mean Dice is reported every epoch to a median pruner,
+which stops a trial that is behind the median of the earlier trials at the same epoch.
+
+What a trial ends as (the `state` column of sweep.csv): complete; pruned; out of memory (CUDA's, or
+a CPU allocation that failed: recorded with the trial's options, memory freed, the sweep goes on);
+failed, with the reason (e.g. a non-finite loss); interrupted (Ctrl-C: the sweep stops, and the same
+command later runs that trial's options again, after which the other trials continue).
+
+The study lives in -sweep_storage (default: the SQLite file <best_models_dir>/sweep.db). Processes
+started with the same command, on one machine or on several sharing a database or a folder, work
+on the same study: Optuna numbers the trials atomically in the storage, the grid sampler gives
+trial n the grid's point n, and a process stops when the work is done.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import itertools
+import json
+import math
+import shlex
+import time
+from contextlib import redirect_stderr
+from io import StringIO
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+import torch
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from utils.args import Config, parse_args, refuse_options_that_do_not_apply
+from utils.errors import UserError
+from utils.memory import is_out_of_memory, peak_memory, reset_peak
+from utils.model import check_network_options
+from utils.plots import plot_sweep
+
+STUDY_NAME = "sweep"
+RANGE_TRIALS = 10                 # -trials when the space has a range and -trials is not given
+PRUNER_STARTUP_TRIALS = 3         # the median pruner prunes nothing until 3 trials have finished,
+PRUNER_WARMUP_EPOCHS = 5          # and nothing in a trial's first 5 epochs
+STUDY_WAIT_SECONDS = 60           # how long a process waits for another to finish creating the study
+# Options that are the sweep's own or choose what a run is: they cannot be swept.
+NOT_SWEPT = {"sweep", "trials", "sweep_storage", "best_models_dir", "resume", "evaluate", "evaluate_split",
+             "predict", "predictions_dir", "lr_find", "config"}
+# Options of the command that are not part of the study's identity (they may differ per machine).
+LOCAL_OPTIONS = {"-sweep", "-trials", "-sweep_storage", "-best_models_dir", "-data_dir", "-cache_dir",
+                 "-num_workers", "-device"}
+
+
+# ---------------------------------------------------------------- the space
+
+
+def words(value: Any) -> list[str]:
+    """The command-line words of one option value: 0.01 -> ['0.01'], [16, 32] -> ['16', '32']."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return ["None" if v is None else str(v) for v in values]
+
+
+def choice(value: Any) -> Any:
+    """A grid value as Optuna stores it (numbers, strings, bools): a list becomes its words."""
+    return " ".join(words(value)) if isinstance(value, (list, tuple)) else value
+
+
+def parse_quietly(argv: list[str], where: str) -> Config:
+    """parse_args, with argparse's complaint turned into a UserError that names `where`."""
+    complaint = StringIO()
+    try:
+        with redirect_stderr(complaint):
+            return parse_args(argv)
+    except SystemExit:
+        reason = complaint.getvalue().strip().splitlines()[-1] if complaint.getvalue().strip() else "refused"
+        raise UserError(f"{where}: {reason.removeprefix('main.py: ')}") from None
+
+
+def read_space(path: str, base_argv: Sequence[str]) -> dict[str, Any]:
+    """space.json as {option: list of values, or {"low", "high", "log"?, "step"?}}, every name and
+    value checked as the command line checks it (with the other options of this command)."""
+    try:
+        space = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"-sweep {path} is not a JSON file ({error}). It should look like "
+                        f'{{"lr": [0.005, 0.01], "batch_size": [2, 4]}}.') from None
+    if not isinstance(space, dict) or not space:
+        raise UserError(f'-sweep {path} must be a JSON object of options, e.g. {{"lr": [0.005, 0.01]}}.')
+    known = {field for field in Config.__dataclass_fields__}
+    checked = {}
+    for raw_name, spec in space.items():
+        name = raw_name.lstrip("-")
+        if name not in known:
+            raise UserError(f"-sweep {path}: '{raw_name}' is not an option of main.py (python main.py -h lists them).")
+        if name in NOT_SWEPT:
+            raise UserError(f"-sweep {path}: -{name} cannot be swept ({', '.join(sorted(NOT_SWEPT))} are the "
+                            f"sweep's own or decide what a run is).")
+        if isinstance(spec, list):
+            if not spec:
+                raise UserError(f"-sweep {path}: {name} has an empty list; give at least one value.")
+            values = spec
+        elif isinstance(spec, dict):
+            spec = check_range(path, name, spec)
+            values = [spec["low"], spec["high"]]
+        else:
+            raise UserError(f"-sweep {path}: {name} must be a list of values (a grid) or "
+                            f'{{"low": ..., "high": ..., "log": true}} (a range), not {spec!r}.')
+        for value in values:
+            argv = [*base_argv, f"-{name}", *words(value)]
+            config = parse_quietly(argv, f"-sweep {path}: {name} = {json.dumps(value)}")
+            try:
+                refuse_options_that_do_not_apply(config, argv)
+                check_network_options(config.architecture, config.channels, config.patch_size)
+            except UserError as error:
+                raise UserError(f"-sweep {path}: {name} = {json.dumps(value)}: {error}") from None
+        checked[name] = spec
+    return checked
+
+
+def check_range(path: str, name: str, spec: dict) -> dict:
+    kind = Config.__dataclass_fields__[name].type
+    if not ("int" in str(kind) or "float" in str(kind)) or "list" in str(kind):
+        raise UserError(f"-sweep {path}: {name} takes no range of numbers; give a list of values.")
+    unknown = set(spec) - {"low", "high", "log", "step"}
+    if unknown or not {"low", "high"} <= set(spec):
+        raise UserError(f'-sweep {path}: the range of {name} needs "low" and "high" (and optionally "log" '
+                        f'or "step"), not {sorted(spec)}.')
+    integer = "int" in str(kind) and "float" not in str(kind)
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+        raise UserError(f"-sweep {path}: the range of {name} needs numbers low < high, got {low} and {high}.")
+    if integer and not (float(low).is_integer() and float(high).is_integer()):
+        raise UserError(f"-sweep {path}: {name} takes whole numbers; give an int range, not {low} to {high}.")
+    return {**spec, "integer": integer, "log": bool(spec.get("log", False))}
+
+
+def is_grid(space: dict) -> bool:
+    return all(isinstance(spec, list) for spec in space.values())
+
+
+def grid_points(space: dict) -> list[dict]:
+    """Every combination of a grid, as Optuna's params."""
+    names = list(space)
+    return [dict(zip(names, (choice(v) for v in combination)))
+            for combination in itertools.product(*(space[name] for name in names))]
+
+
+def suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, [choice(v) for v in spec])
+    if spec["integer"]:
+        return trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec["log"],
+                                 step=int(spec.get("step", 1)))
+    return trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"], step=spec.get("step"))
+
+
+# ---------------------------------------------------------------- the study
+
+
+def make_storage(url: str | None, sweep_dir: Path):
+    """-sweep_storage as an Optuna storage: journal:PATH (a journal file, fit for a shared
+    folder), any database URL, or by default the SQLite file <best_models_dir>/sweep.db."""
+    if url is None:
+        url = f"sqlite:///{(sweep_dir / 'sweep.db').resolve()}"
+    try:
+        if url.startswith("journal:"):
+            return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        # SQLite locks the file while one process writes: the others wait up to a minute.
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as error:         # a URL SQLAlchemy cannot use, a server that does not answer, ...
+        raise UserError(f"-sweep_storage {url} cannot be opened ({error}). Give a database URL such as "
+                        f"sqlite:///sweep.db or postgresql://user@host/db, or journal:PATH.") from None
+
+
+def open_study(storage, space: dict, base_options: list[str], trials: int, seed: int) -> optuna.Study:
+    """Create the study, or join the one that the same command created before (or in another
+    process). A study of another space is refused."""
+    sampler = (GridSampler({name: [choice(v) for v in spec] for name, spec in space.items()}, seed=seed)
+               if is_grid(space) else optuna.samplers.TPESampler())
+    pruner = make_pruner()
+    identity = {"space": space, "options": [w for w in identity_words(base_options)], "trials": trials}
+    try:
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+                                    sampler=sampler, pruner=pruner)
+        study.set_user_attr("identity", identity)
+        return study
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+    deadline = time.monotonic() + STUDY_WAIT_SECONDS
+    while "identity" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.2)                     # the process that created it is writing its identity
+    saved = study.user_attrs.get("identity")
+    if saved != json.loads(json.dumps(identity)):
+        raise UserError(f"The sweep storage already holds a study of another space or options "
+                        f"({json.dumps(saved)}). Continue it with that command, or start this one in another "
+                        f"-best_models_dir (or -sweep_storage).")
+    return study
+
+
+def make_pruner() -> optuna.pruners.BasePruner:
+    """Optuna's median pruner, fed each epoch's validation mean Dice."""
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+
+
+def identity_words(argv: Sequence[str]) -> list[str]:
+    """This command's options that define the study: all but the local ones (paths, device)."""
+    kept, skip = [], False
+    for word in argv:
+        if word.startswith("-") and not word[1:2].isdigit() and word != "-":
+            skip = word in LOCAL_OPTIONS
+        if not skip:
+            kept.append(word)
+    return kept
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def trial_command(base_argv: Sequence[str], params: dict, trial_dir: Path) -> list[str]:
+    """The main.py words of a trial: this command's options without the sweep's, the trial's
+    values, and its folder."""
+    argv, skip = [], False
+    for word in base_argv:
+        if word.startswith("-") and not word[1:2].isdigit():
+            skip = word in {"-sweep", "-trials", "-sweep_storage", "-best_models_dir"}
+        if not skip:
+            argv.append(word)
+    for name, value in params.items():
+        argv += [f"-{name}", *str(value).split()]
+    return argv + ["-best_models_dir", str(trial_dir)]
+
+
+def trial_results(trial_dir: Path) -> dict:
+    """From a trial's metrics.csv: the best epoch's Dice per class and mean, the epochs, the peak memory."""
+    path = trial_dir / "metrics.csv"
+    rows = list(csv.DictReader(open(path))) if path.is_file() else []
+    if not rows:
+        return {"epochs": 0}
+    best = max(rows, key=lambda row: float(row["dice_mean"]))
+    return {"epochs": len(rows), "best_epoch": int(best["epoch"]),
+            **{key: float(value) for key, value in best.items() if key.startswith("dice_")}}
+
+
+def taken_by_earlier_trial(study: optuna.Study, number: int, params: dict) -> bool:
+    """Whether a trial numbered before `number` has run, or runs, these grid values (interrupted
+    and surplus trials do not count)."""
+    return any(t.number < number and t.params == params and t.state != TrialState.WAITING
+               and t.user_attrs.get("state") not in ("interrupted", "surplus")
+               for t in study.get_trials(deepcopy=False))
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, which gives trial n the grid's point n (then the points not yet
+    started), without its end-of-grid check: this module decides when a sweep is done. (That check
+    fails, KeyError 'grid_id', in Optuna 5.0 for a trial queued with enqueue_trial, which is how an
+    interrupted trial runs again.)"""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+class TrialStopped(Exception):
+    """A trial that ended without a result (out of memory, failed, surplus): recorded, and the sweep goes on."""
+
+
+def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_dir: Path,
+                  train: Callable, device: torch.device, grid: bool) -> str:
+    """Run one trial of the study as an ordinary training run and return how it ended. Ctrl-C is
+    passed on, after the trial is recorded and its options queued to run again."""
+    ended = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: suggest(trial, name, spec) for name, spec in space.items()}
+        if grid and taken_by_earlier_trial(study, trial.number, params):
+            # Another process started the grid's last point between this one's check and its start.
+            ended.update(state="surplus")
+            trial.set_user_attr("state", "surplus")
+            raise TrialStopped("the grid has no point left")
+        ended.update(number=trial.number, params=params, reason="")
+        trial_dir = sweep_dir / f"trial_{trial.number}"
+        argv = trial_command(base_argv, params, trial_dir)
+        trial.set_user_attr("command", shlex.join(["python", "main.py", *argv]))
+        print(f"\n--- trial {trial.number}: {' '.join(f'-{k} {v}' for k, v in params.items())}  ({trial_dir})")
+
+        def report(row: dict) -> None:             # the Trainer calls this after every epoch
+            trial.report(row["dice_mean"], row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"after epoch {row['epoch']}, at mean Dice {row['dice_mean']:.4f}")
+
+        started = time.monotonic()
+        reset_peak(device)
+        try:
+            trainer = train(parse_args(argv), argv, report)
+        except optuna.TrialPruned as error:
+            ended.update(state="pruned", reason=str(error))
+            record(trial, trial_dir, started, device, "pruned", str(error))
+            raise
+        except KeyboardInterrupt:
+            ended.update(state="interrupted")
+            record(trial, trial_dir, started, device, "interrupted", "Ctrl-C")
+            raise
+        except Exception as error:                 # the sweep goes on after any single trial's failure
+            state = "out of memory" if is_out_of_memory(error) else "failed"
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            del error
+            free_memory(device)
+            ended.update(state=state, reason=reason)
+            record(trial, trial_dir, started, device, state, reason)
+            raise TrialStopped(reason) from None
+        ended.update(state="complete", value=trainer.best_metric)
+        record(trial, trial_dir, started, device, "complete", "")
+        return trainer.best_metric
+
+    try:
+        study.optimize(objective, n_trials=1, catch=(TrialStopped,))
+    except KeyboardInterrupt:
+        if ended.get("state") == "interrupted":
+            # Queued again, so that the same command runs these options first when it continues.
+            study.enqueue_trial(ended["params"], user_attrs={"repeats_trial": ended["number"]})
+        raise
+    if ended.get("state") != "surplus":
+        print(f"--- trial {ended['number']}: {ended['state']}" + (f" ({ended['reason']})" if ended["reason"] else "")
+              + (f", best mean Dice {ended['value']:.4f}" if ended.get("value") is not None else ""))
+    return ended.get("state", "failed")
+
+
+def record(trial: optuna.Trial, trial_dir: Path, started: float, device: torch.device, state: str,
+           reason: str) -> None:
+    """A trial's end, kept in the study (sweep.csv is written from it)."""
+    trial.set_user_attr("state", state)
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("minutes", round((time.monotonic() - started) / 60, 3))
+    trial.set_user_attr("peak_memory", peak_memory(device))
+    trial.set_user_attr("results", trial_results(trial_dir))
+
+
+def free_memory(device: torch.device) -> None:
+    """What a failed trial held, given back: Python's garbage, and CUDA's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
+    """Whether a process should start another trial: a trial is queued (an interrupted one), or
+    fewer trials than wanted have been started (interrupted ones do not count)."""
+    all_trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in all_trials):
+        return True
+    counted = [t for t in all_trials if t.user_attrs.get("state") not in ("interrupted", "surplus")]
+    return len(counted) < trials
+
+
+def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torch.device) -> optuna.Study:
+    """-sweep: run trials until the space (a grid) or -trials is done, writing sweep.csv and
+    sweep.png after each; print the best trial and the command that repeats it."""
+    base_argv = list(argv)
+    space = read_space(config.sweep, base_argv)
+    grid = grid_points(space) if is_grid(space) else None
+    trials = config.trials or (len(grid) if grid else RANGE_TRIALS)
+    if grid and trials > len(grid):
+        raise UserError(f"-trials {trials} is more than the {len(grid)} points of the grid in {config.sweep}; "
+                        f"leave -trials out to run each point once.")
+    sweep_dir = Path(config.best_models_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are reported here
+    study = open_study(make_storage(config.sweep_storage, sweep_dir), space, base_argv, trials, config.random_seed)
+    try:
+        while work_left(study, space, trials):
+            state = run_one_trial(study, space, base_argv, sweep_dir, train, device, grid is not None)
+            write_sweep_files(study, space, sweep_dir)
+    except KeyboardInterrupt:
+        write_sweep_files(study, space, sweep_dir)
+        raise
+    write_sweep_files(study, space, sweep_dir)
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if finished:
+        best = max(finished, key=lambda t: t.value)
+        print(f"\nBest trial: {best.number}, mean Dice {best.value:.4f} "
+              f"({', '.join(f'-{k} {v}' for k, v in best.params.items())}). Repeat it with:\n"
+              f"  {best.user_attrs['command']}")
+    else:
+        print("\nNo trial completed; sweep.csv says how each ended.")
+    print(f"sweep.csv and sweep.png are in {sweep_dir}")
+    return study
+
+
+def sweep_rows(study: optuna.Study, space: dict) -> list[dict]:
+    """One row per trial of sweep.csv."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING or t.user_attrs.get("state") == "surplus":
+            continue
+        attrs = t.user_attrs
+        results = attrs.get("results", {})
+        state = attrs.get("state", "running" if t.state == TrialState.RUNNING else t.state.name.lower())
+        if attrs.get("reason") and state in ("failed", "out of memory"):
+            state = f"{state}: {attrs['reason']}"
+        row = {"number": t.number, **{name: t.params.get(name, "") for name in space}, "state": state}
+        row.update({key: results.get(key, "") for key in sorted(results) if key.startswith("dice_")})
+        row.update({"epochs": results.get("epochs", ""), "minutes": attrs.get("minutes", ""),
+                    **{key: value for key, value in attrs.get("peak_memory", {}).items()},
+                    "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
+                    "command": attrs.get("command", "")})
+        rows.append(row)
+    return rows
+
+
+def write_sweep_files(study: optuna.Study, space: dict, sweep_dir: Path) -> None:
+    rows = sweep_rows(study, space)
+    if not rows:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    temporary = sweep_dir / "sweep.csv.tmp"
+    with open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(sweep_dir / "sweep.csv")
+    plot_sweep(rows, space, sweep_dir / "sweep.png")
