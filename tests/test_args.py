@@ -133,9 +133,11 @@ BAD_VALUES = {
     "-max_minutes": "-5", "-random_seed": "4294967296", "-split_seed": "-1", "-patch_size": "0", "-channels": "-16",
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
     "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
-    "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy",
+    "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy", "-sweep": "/no/such/space.json",
+    "-trials": "0",
 }
-FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir"}
+FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir",
+             "-sweep_storage"}
 
 
 def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):

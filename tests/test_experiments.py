@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -259,3 +260,22 @@ def test_journal_storage_for_a_shared_folder(tmp_path):
     assert isinstance(storage, optuna.storages.JournalStorage)
     with pytest.raises(UserError, match="cannot be opened"):
         sweep.make_storage("nosuchdb://x", tmp_path)
+
+
+def test_a_trial_whose_process_died_is_failed_and_run_again(task_dir, tmp_path, monkeypatch):
+    out_dir = tmp_path / "sweep"
+    space = write_space(tmp_path, {"lr": [0.02, 0.05]})
+    command = [sys.executable, str(ROOT / "main.py"), "-data_dir", str(task_dir), "-best_models_dir", str(out_dir),
+               *TINY, "-epochs", "50", "-sweep", space]
+    process = subprocess.Popen(command, cwd=Path.cwd(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out_dir / "trial_0" / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.kill()                                   # SIGKILL: as the kernel's OOM killer does
+    process.wait()
+    monkeypatch.setattr(sweep, "HEARTBEAT_GRACE_SECONDS", 1)
+    time.sleep(2)
+    assert run_main(task_dir, out_dir, "-sweep", space) == 0
+    rows = sweep_table(out_dir)
+    assert rows[0]["state"].startswith("died")
+    assert sorted(float(r["lr"]) for r in rows if r["state"] == "complete") == [0.02, 0.05]

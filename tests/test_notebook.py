@@ -31,6 +31,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, data):
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "curves.png").is_file()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "post-processed" in outputs and "dice_Anterior" in outputs
+    assert "post-processed" in outputs and "dice_Anterior" in outputs and "suggested -lr" in outputs
     assert "Every package of requirements.txt is installed." in outputs      # and nothing installed
     assert "device: cpu | precision: " in outputs and "batch size: 4" in outputs

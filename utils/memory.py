@@ -63,7 +63,7 @@ def describe_peak(peaks: dict[str, float]) -> str:
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation failure: CUDA's out of memory, a CPU allocation that
     failed (PyTorch's DefaultCPUAllocator, oneDNN), or Python's MemoryError."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):     # torch.OutOfMemoryError too
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text

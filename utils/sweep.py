@@ -49,6 +49,8 @@ RANGE_TRIALS = 10                 # -trials when the space has a range and -tria
 PRUNER_STARTUP_TRIALS = 3         # the median pruner prunes nothing until 3 trials have finished,
 PRUNER_WARMUP_EPOCHS = 5          # and nothing in a trial's first 5 epochs
 STUDY_WAIT_SECONDS = 60           # how long a process waits for another to finish creating the study
+HEARTBEAT_SECONDS = 60            # a running trial's process writes a heartbeat this often (database storage)
+HEARTBEAT_GRACE_SECONDS = 300     # a trial silent this long is taken as dead, failed and run again once
 # Options that are the sweep's own or choose what a run is: they cannot be swept.
 NOT_SWEPT = {"sweep", "trials", "sweep_storage", "best_models_dir", "resume", "evaluate", "evaluate_split",
              "predict", "predictions_dir", "lr_find", "config"}
@@ -173,7 +175,12 @@ def make_storage(url: str | None, sweep_dir: Path):
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         # SQLite locks the file while one process writes: the others wait up to a minute.
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        # A process that dies without a word (the kernel's OOM killer, a lost machine) leaves its
+        # trial "running"; without a heartbeat for HEARTBEAT_GRACE_SECONDS, the next process to
+        # start a trial marks it failed and queues its options once more.
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=HEARTBEAT_GRACE_SECONDS,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     except Exception as error:         # a URL SQLAlchemy cannot use, a server that does not answer, ...
         raise UserError(f"-sweep_storage {url} cannot be opened ({error}). Give a database URL such as "
                         f"sqlite:///sweep.db or postgresql://user@host/db, or journal:PATH.") from None
@@ -248,11 +255,17 @@ def trial_results(trial_dir: Path) -> dict:
             **{key: float(value) for key, value in best.items() if key.startswith("dice_")}}
 
 
+def covers_its_point(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts as done (or being done) for its options: running, complete, pruned,
+    out of memory or failed; not interrupted, surplus, or dead without a word (run again)."""
+    if trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("state") in ("out of memory", "failed")
+
+
 def taken_by_earlier_trial(study: optuna.Study, number: int, params: dict) -> bool:
-    """Whether a trial numbered before `number` has run, or runs, these grid values (interrupted
-    and surplus trials do not count)."""
-    return any(t.number < number and t.params == params and t.state != TrialState.WAITING
-               and t.user_attrs.get("state") not in ("interrupted", "surplus")
+    """Whether a trial numbered before `number` has run, or runs, these grid values."""
+    return any(t.number < number and t.params == params and covers_its_point(t)
                for t in study.get_trials(deepcopy=False))
 
 
@@ -352,13 +365,12 @@ def free_memory(device: torch.device) -> None:
 
 
 def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
-    """Whether a process should start another trial: a trial is queued (an interrupted one), or
-    fewer trials than wanted have been started (interrupted ones do not count)."""
+    """Whether a process should start another trial: a trial is queued (an interrupted or dead
+    one's options), or fewer trials than wanted have been started (see covers_its_point)."""
     all_trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in all_trials):
         return True
-    counted = [t for t in all_trials if t.user_attrs.get("state") not in ("interrupted", "surplus")]
-    return len(counted) < trials
+    return sum(covers_its_point(t) for t in all_trials) < trials
 
 
 def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torch.device) -> optuna.Study:
@@ -404,6 +416,8 @@ def sweep_rows(study: optuna.Study, space: dict) -> list[dict]:
         attrs = t.user_attrs
         results = attrs.get("results", {})
         state = attrs.get("state", "running" if t.state == TrialState.RUNNING else t.state.name.lower())
+        if t.state == TrialState.FAIL and "state" not in attrs:
+            state = "died (its process stopped without a word: no heartbeat; its options run again)"
         if attrs.get("reason") and state in ("failed", "out of memory"):
             state = f"{state}: {attrs['reason']}"
         row = {"number": t.number, **{name: t.params.get(name, "") for name in space}, "state": state}
