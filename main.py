@@ -12,13 +12,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import torch
 
-from utils.args import Config, explicit_options, for_device, parse_args, refuse_options_that_do_not_apply
+from utils.args import (Config, explicit_options, for_device, parse_args, refuse_mode_combinations,
+                        refuse_options_that_do_not_apply)
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.cache import Cases, load_cases
 from utils.data_class import split_cases, train_loader
@@ -33,6 +38,7 @@ from utils.memory import describe_peak, peak_memory, reset_peak
 from utils.model import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
                          freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
 from utils.prediction import predict_files
+from utils.report import failure_cases, write_report
 from utils.sweep import run_sweep
 from utils.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
@@ -179,20 +185,71 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
 def train(config: Config, argv: list[str] | None, place: Place,
           after_epoch: Callable[[dict], None] | None = None) -> Trainer:
     """Train as `config` says; return the Trainer, which has run. Under torchrun, one process of
-    several. `after_epoch` gets each epoch's row of metrics.csv (a sweep's pruner)."""
+    several. `after_epoch` gets each epoch's row of metrics.csv (a sweep's pruner).
+
+    config.json is written before the first epoch and again at the end, however the run ends
+    (finished, early stopping, time limit, Ctrl-C, a NaN loss), with its peak memory and why it
+    stopped; then report.html."""
     trainer, run_config = prepare_training(config, argv, place, after_epoch)
-    run_dir = trainer.run_dir
+    config, run_dir = trainer.config, trainer.run_dir       # as resolved: resumed, device defaults
+    earlier = read_json(run_dir / "config.json") if config.resume else {}
+    command = shlex.join(["python", "main.py", *(sys.argv[1:] if argv is None else argv)])
+    run_config.update(commands=[*earlier.get("commands", []), command],
+                      started=earlier.get("started", datetime.now().isoformat(timespec="seconds")),
+                      device=str(place.device), precision=precision_name(place.device, config.mixed_precision))
     if place.is_main:
         write_json(run_dir / "config.json", run_config)
     reset_peak(place.device)
-    trainer.training_loop()
-    peaks = peak_memory(place.device)
-    if place.is_main:
-        write_json(run_dir / "config.json", {**run_config, "peak_memory": peaks, "epochs_trained": trainer.epoch,
-                                             "best_dice_mean": trainer.best_metric})
+    stopped, finished = "stopped by an error", False
+    try:
+        trainer.training_loop()
+        stopped, finished = trainer.stop_reason, True
+    except KeyboardInterrupt:
+        stopped = "interrupted (Ctrl-C)"
+        raise
+    except optuna.TrialPruned:
+        stopped = "pruned by the sweep"
+        raise
+    except NonFiniteLossError:
+        stopped = "the training loss became NaN or infinite"
+        raise
+    finally:
+        trainer.run_log.close()
+        peaks = peak_memory(place.device)
+        if place.is_main:
+            best = trainer.best_metric if math.isfinite(trainer.best_metric) else None
+            write_json(run_dir / "config.json", {**run_config, "peak_memory": peaks, "stopped": stopped,
+                                                 "epochs_trained": trainer.epoch, "best_dice_mean": best,
+                                                 "minutes_trained": round(trainer.minutes_trained(), 3)})
+            write_run_report(config, trainer, evaluate_best=finished)
     trainer.say(f"Done. Best validation mean Dice {trainer.best_metric:.4f}, {describe_peak(peaks)}; checkpoints, "
-                f"metrics.csv and config.json are in {run_dir}")
+                f"metrics.csv, config.json and report.html are in {run_dir}")
     return trainer
+
+
+def write_run_report(config: Config, trainer: Trainer, evaluate_best: bool) -> None:
+    """report.html. After a run that ended normally, with best.pt's predictions of the validation
+    cases for "where it fails" (one more validation); after Ctrl-C or an error, without them, at
+    once. A report that cannot be written is reported, never raised over what stopped the run."""
+    try:
+        failures = None
+        if evaluate_best and (trainer.run_dir / "best.pt").is_file():
+            model, _, _ = trained_model(dataclasses.replace(config, train_from_checkpoint=None), trainer.device)
+            result = evaluate(model, trainer.val_cases, trainer.device, trainer.autocast, trainer.class_names,
+                              mirror=config.tta, roi_size=config.patch_size)
+            failures = failure_cases(result, trainer.val_cases, "validation")
+        path = write_report(trainer.run_dir, trainer.class_names, failures)
+        trainer.say(f"Report: {path}")
+    except Exception as error:          # e.g. out of memory, a full disk: the checkpoints are saved
+        trainer.say(f"Note: report.html was not written ({type(error).__name__}: {error}). Write it with "
+                    f"-evaluate True -best_models_dir {trainer.run_dir}.")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -263,6 +320,11 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
         print(f"  {'post-processed' if row['postprocessed'] else 'raw':>14}  {row['metric']:>4} "
               f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}")
     print(f"Per-case results: {stem}.csv; summary: {stem}_summary.csv")
+    report = write_report(path.parent, info.foreground_names,
+                          failure_cases(evaluation, cases, config.evaluate_split),
+                          {"split": config.evaluate_split, "checkpoint": path,
+                           "summary": {False: evaluation["summary"], True: evaluation["postprocessed"]["summary"]}})
+    print(f"Report: {report}")
     return path.parent
 
 
@@ -282,6 +344,7 @@ def predict(config: Config) -> int:
 
 
 def run(config: Config, argv: list[str] | None = None) -> int:
+    refuse_mode_combinations(config, argv)
     if config.predict is not None:
         return predict(config)
     if config.evaluate:
@@ -326,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if config.sweep is not None:
-            print(f"\nSweep interrupted; the trial that was running is recorded as interrupted and will run "
-                  f"again. Continue the sweep with the same command.", file=sys.stderr)
+            print("\nSweep interrupted; the trial that was running is recorded as interrupted and will run "
+                  "again. Continue the sweep with the same command.", file=sys.stderr)
             return 130
         print(f"\nInterrupted. The last completed epoch is saved in {config.best_models_dir}/last.pt; "
               f"continue with: python main.py -best_models_dir {config.best_models_dir} -resume True",

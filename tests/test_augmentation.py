@@ -1,5 +1,4 @@
 """BatchAugmentation: each random step does what it says, and image and label move together."""
-from collections import Counter
 
 import torch
 

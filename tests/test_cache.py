@@ -2,11 +2,9 @@
 changes, never read half-written, and mapped so that RAM stays bounded; foreground-centred crops."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import nibabel as nib

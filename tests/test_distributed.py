@@ -88,8 +88,10 @@ def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Done. Best validation mean Dice") == 1        # one process speaks
     assert "on each of 2 processes" in done.stdout
-    assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["best.pt", "last.pt", "metrics.csv", "config.json", "curves.png", "predictions.png", "progress.gif"])
+    written = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents"))
+    assert written == sorted(["best.pt", "last.pt", "metrics.csv", "config.json", "curves.png", "predictions.png",
+                              "progress.gif", "report.html"])
+    assert len(list(run.glob("events.out.tfevents*"))) <= 1        # TensorBoard: the first process only
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
@@ -154,3 +156,17 @@ def test_a_prefixed_checkpoint_loads(tmp_path):
     state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
     torch.save(state, tmp_path / "prefixed.pt")
     assert not any(k.startswith("module.") for k in load_checkpoint(tmp_path / "prefixed.pt")["model"])
+
+
+def test_a_dynunet_with_deep_supervision_trains_under_torchrun(tmp_path):
+    # Its training outputs are stacked heads; every head's parameters get gradients in each
+    # process, so DDP's gradient averaging covers them all.
+    task = write_task(tmp_path / "data", n_cases=10)
+    run = tmp_path / "run"
+    done = torchrun("-data_dir", str(task), "-batch_size", "2", "-Nit", "2", "-epochs", "2", "-lr", "0.01",
+                    "-device", "cpu", "-train_val_ratio", "0.6", "-architecture", "dynunet", "-channels", "4", "8",
+                    "-patch_size", "32", "32", "32", "-best_models_dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["model_config"]["architecture"] == "dynunet"
+    assert state["model_config"]["deep_supervision_heads"] >= 1

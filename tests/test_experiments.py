@@ -105,8 +105,19 @@ def test_lr_find_returns_the_model_to_its_weights(task_dir, tmp_path, monkeypatc
     assert seen["same"]
 
 
-def test_lr_find_refuses_resume(task_dir, tmp_path, capsys):
-    assert run_main(task_dir, tmp_path / "run", "-lr_find", "True", "-resume", "True") == 1
+@pytest.mark.parametrize("other", [["-resume", "True"], ["-evaluate", "True"], ["-sweep", "SPACE"]])
+def test_lr_find_refuses_another_kind_of_run(other, task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "run", "-epochs", "1") == 0           # a run there to resume
+    other = [write_space(tmp_path, {"lr": [0.01]}) if word == "SPACE" else word for word in other]
+    capsys.readouterr()
+    assert run_main(task_dir, tmp_path / "run", "-lr_find", "True", *other) == 1
+    assert f"-lr_find and {other[0]} are different kinds of run" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "lr_find.csv").exists()
+
+
+def test_sweep_options_without_a_sweep_are_refused(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "run", "-trials", "3") == 1
+    assert "-trials belongs to a sweep" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- sweeps
@@ -252,7 +263,14 @@ def test_another_space_in_the_same_folder_is_refused(task_dir, tmp_path, capsys)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"lr": [0.01]}))
     assert run_main(task_dir, out_dir, "-epochs", "1", "-sweep", str(other)) == 1
-    assert "already holds a study of another space" in capsys.readouterr().err
+    assert 'another space or options (its space is {"lr": [0.05]})' in capsys.readouterr().err
+    assert run_main(task_dir, out_dir, "-epochs", "2", "-sweep", write_space(tmp_path, {"lr": [0.05]})) == 1
+    assert "its options differ: -epochs 1 there, 2 here" in capsys.readouterr().err
+    # the same options in another order, and another data folder (a path of this machine), join it
+    assert entry.main(["-sweep", write_space(tmp_path, {"lr": [0.05]}), "-device", "cpu", "-lr", "0.01",
+                       *TINY[:-4], "-epochs", "1", "-best_models_dir", str(out_dir),
+                       "-data_dir", str(task_dir)]) == 0
+    assert len(sweep_table(out_dir)) == 1                      # its one point was done already
 
 
 def test_journal_storage_for_a_shared_folder(tmp_path):
@@ -265,8 +283,9 @@ def test_journal_storage_for_a_shared_folder(tmp_path):
 def test_a_trial_whose_process_died_is_failed_and_run_again(task_dir, tmp_path, monkeypatch):
     out_dir = tmp_path / "sweep"
     space = write_space(tmp_path, {"lr": [0.02, 0.05]})
+    options = ["-epochs", "30", "-Nit", "1", "-sweep", space]
     command = [sys.executable, str(ROOT / "main.py"), "-data_dir", str(task_dir), "-best_models_dir", str(out_dir),
-               *TINY, "-epochs", "50", "-sweep", space]
+               *TINY, *options]
     process = subprocess.Popen(command, cwd=Path.cwd(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (out_dir / "trial_0" / "metrics.csv").exists() and time.monotonic() < deadline:
@@ -275,7 +294,7 @@ def test_a_trial_whose_process_died_is_failed_and_run_again(task_dir, tmp_path, 
     process.wait()
     monkeypatch.setattr(sweep, "HEARTBEAT_GRACE_SECONDS", 1)
     time.sleep(2)
-    assert run_main(task_dir, out_dir, "-sweep", space) == 0
+    assert run_main(task_dir, out_dir, *options) == 0
     rows = sweep_table(out_dir)
-    assert rows[0]["state"].startswith("died")
+    assert rows[0]["state"].startswith("died") and "its options ran again" in rows[0]["state"]
     assert sorted(float(r["lr"]) for r in rows if r["state"] == "complete") == [0.02, 0.05]

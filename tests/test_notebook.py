@@ -30,6 +30,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, data):
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "curves.png").is_file()
+    assert "Where it fails" in (tmp_path / "run" / "report.html").read_text()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "post-processed" in outputs and "dice_Anterior" in outputs and "suggested -lr" in outputs
     assert "Every package of requirements.txt is installed." in outputs      # and nothing installed

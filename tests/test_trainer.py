@@ -190,7 +190,7 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "dice_Anterior", "dice_Posterior",
-                            "dice_mean", "lr"}
+                            "dice_mean", "lr", "peak_rss_mb"}
     last = load_checkpoint(run / "last.pt")
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "config", "split",
                 "preprocessing", "model_config", "rng", "history"):
@@ -279,6 +279,7 @@ def test_early_stopping_stops_after_patience(task_dir, tmp_path):
     trainer.training_loop()
     assert trainer.epoch == 4 and trainer.best_metric == pytest.approx(0.6)
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+    assert trainer.stop_reason == "early stopping: no improvement for 2 epochs"      # for report.html
 
 
 def test_learning_rate_decays_to_zero_over_the_epochs(task_dir, tmp_path):

@@ -380,13 +380,6 @@ def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None)
     """Refuse options typed on `argv` that this run would ignore: a network's own option given for
     another network, class weights for a loss without a weighted term."""
     typed = explicit_options(argv)
-    if config.lr_find and (config.resume or config.sweep):
-        raise UserError(f"-lr_find runs a range test on a new run's model, not with "
-                        f"{'-resume' if config.resume else '-sweep'}. Leave one of them out (to test from "
-                        f"trained weights, pass -train_from_checkpoint).")
-    for option in ("trials", "sweep_storage"):
-        if option in typed and config.sweep is None:
-            raise UserError(f"-{option} belongs to a sweep; pass -sweep space.json, or leave -{option} out.")
     for option, architecture in ONLY_FOR.items():
         if option in typed and config.architecture != architecture:
             raise UserError(f"-{option} applies to -architecture {architecture} only; this run's network is "
@@ -394,3 +387,17 @@ def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None)
     if config.loss == "dice" and config.class_weights is not None:
         raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
                         "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")
+
+
+def refuse_mode_combinations(config: Config, argv: Sequence[str] | None) -> None:
+    """Refuse what a run cannot be at once (e.g. a range test that resumes) and sweep options
+    without a sweep, before anything is read."""
+    typed = explicit_options(argv)
+    modes = [name for name in ("lr_find", "resume", "evaluate") if getattr(config, name)]
+    modes += [name for name in ("sweep", "predict") if getattr(config, name) is not None]
+    if len(modes) > 1 and ({"lr_find", "sweep"} & set(modes)):
+        raise UserError(f"-{modes[0]} and -{modes[1]} are different kinds of run; give one of them. (To range-test "
+                        f"or sweep from trained weights, pass -train_from_checkpoint.)")
+    for option in ("trials", "sweep_storage"):
+        if option in typed and config.sweep is None:
+            raise UserError(f"-{option} belongs to a sweep; pass -sweep space.json, or leave -{option} out.")

@@ -45,9 +45,9 @@ def show_slices(axes, image, label=None) -> None:
 
 
 def plot_curves(history: Sequence[dict], class_names: Sequence[str], path: str | Path | None = None) -> Figure:
-    """Train/val loss and per-class validation Dice against epoch."""
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, dice_ax = figure.subplots(1, 2)
+    """Train/val loss, per-class validation Dice and the learning rate against epoch."""
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    loss_ax, dice_ax, lr_ax = figure.subplots(1, 3)
     epochs = [row["epoch"] for row in history]
     loss_ax.plot(epochs, [row["train_loss"] for row in history], label="train")
     loss_ax.plot(epochs, [row["val_loss"] for row in history], label="validation")
@@ -56,8 +56,11 @@ def plot_curves(history: Sequence[dict], class_names: Sequence[str], path: str |
         dice_ax.plot(epochs, [row[f"dice_{name}"] for row in history], label=name)
     dice_ax.plot(epochs, [row["dice_mean"] for row in history], label="mean", color="black", lw=1)
     dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice")
+    lr_ax.plot(epochs, [row["lr"] for row in history], color="tab:green")
+    lr_ax.set(xlabel="epoch", ylabel="learning rate (after the epoch)", title="learning rate")
     for ax in (loss_ax, dice_ax):
         ax.legend()
+    for ax in (loss_ax, dice_ax, lr_ax):
         ax.grid(alpha=0.3)
     if path is not None:
         figure.savefig(path, dpi=80)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
 from utils.plots import plot_curves, plot_predictions, write_progress_gif
@@ -87,7 +86,8 @@ class RunLog:
                 self.tensorboard = False
                 return
         step = row["epoch"]
-        self.writer.add_scalars("loss", {"train": row["train_loss"], "validation": row["val_loss"]}, step)
+        self.writer.add_scalar("loss/train", row["train_loss"], step)
+        self.writer.add_scalar("loss/validation", row["val_loss"], step)
         for name in [*self.class_names, "mean"]:
             self.writer.add_scalar(f"dice/{name}", row[f"dice_{name}"], step)
         self.writer.add_scalar("lr", row["lr"], step)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import csv
 import gc
+import inspect
 import itertools
 import json
-import math
+import os
 import shlex
 import time
+import warnings
 from contextlib import redirect_stderr
 from io import StringIO
 from pathlib import Path
@@ -49,8 +51,13 @@ RANGE_TRIALS = 10                 # -trials when the space has a range and -tria
 PRUNER_STARTUP_TRIALS = 3         # the median pruner prunes nothing until 3 trials have finished,
 PRUNER_WARMUP_EPOCHS = 5          # and nothing in a trial's first 5 epochs
 STUDY_WAIT_SECONDS = 60           # how long a process waits for another to finish creating the study
+STORAGE_ATTEMPTS = 3              # tries to open a database that another process may be creating
 HEARTBEAT_SECONDS = 60            # a running trial's process writes a heartbeat this often (database storage)
 HEARTBEAT_GRACE_SECONDS = 300     # a trial silent this long is taken as dead, failed and run again once
+# The RDBStorage argument of the callback that queues a dead trial again (renamed in Optuna 4.9).
+RETRY_ARGUMENT = ("heartbeat_stale_trial_callback"
+                  if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                  else "failed_trial_callback")
 # Options that are the sweep's own or choose what a run is: they cannot be swept.
 NOT_SWEPT = {"sweep", "trials", "sweep_storage", "best_models_dir", "resume", "evaluate", "evaluate_split",
              "predict", "predictions_dir", "lr_find", "config"}
@@ -81,7 +88,7 @@ def parse_quietly(argv: list[str], where: str) -> Config:
             return parse_args(argv)
     except SystemExit:
         reason = complaint.getvalue().strip().splitlines()[-1] if complaint.getvalue().strip() else "refused"
-        raise UserError(f"{where}: {reason.removeprefix('main.py: ')}") from None
+        raise UserError(f"{where}: {reason.split('error: ', 1)[-1]}") from None
 
 
 def read_space(path: str, base_argv: Sequence[str]) -> dict[str, Any]:
@@ -133,6 +140,8 @@ def check_range(path: str, name: str, spec: dict) -> dict:
     if unknown or not {"low", "high"} <= set(spec):
         raise UserError(f'-sweep {path}: the range of {name} needs "low" and "high" (and optionally "log" '
                         f'or "step"), not {sorted(spec)}.')
+    if spec.get("log") and "step" in spec:
+        raise UserError(f'-sweep {path}: the range of {name} has both "log" and "step"; give one of them.')
     integer = "int" in str(kind) and "float" not in str(kind)
     low, high = spec["low"], spec["high"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
@@ -178,25 +187,35 @@ def make_storage(url: str | None, sweep_dir: Path):
         # A process that dies without a word (the kernel's OOM killer, a lost machine) leaves its
         # trial "running"; without a heartbeat for HEARTBEAT_GRACE_SECONDS, the next process to
         # start a trial marks it failed and queues its options once more.
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=HEARTBEAT_GRACE_SECONDS,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():   # the heartbeat is "experimental" (since Optuna 2.9)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                        grace_period=HEARTBEAT_GRACE_SECONDS,
+                        **{RETRY_ARGUMENT: optuna.storages.RetryFailedTrialCallback(max_retry=1)})
+            except Exception:
+                # Processes started together race to create the tables of a new database file.
+                if attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1 + attempt)
     except Exception as error:         # a URL SQLAlchemy cannot use, a server that does not answer, ...
         raise UserError(f"-sweep_storage {url} cannot be opened ({error}). Give a database URL such as "
                         f"sqlite:///sweep.db or postgresql://user@host/db, or journal:PATH.") from None
 
 
-def open_study(storage, space: dict, base_options: list[str], trials: int, seed: int) -> optuna.Study:
+def open_study(storage, space: dict, base_options: list[str], seed: int) -> optuna.Study:
     """Create the study, or join the one that the same command created before (or in another
     process). A study of another space is refused."""
     sampler = (GridSampler({name: [choice(v) for v in spec] for name, spec in space.items()}, seed=seed)
                if is_grid(space) else optuna.samplers.TPESampler())
     pruner = make_pruner()
-    identity = {"space": space, "options": [w for w in identity_words(base_options)], "trials": trials}
+    wanted = {"space": space, "options": identity(base_options)}
     try:
         study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                     sampler=sampler, pruner=pruner)
-        study.set_user_attr("identity", identity)
+        study.set_user_attr("identity", wanted)
         return study
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
@@ -204,10 +223,21 @@ def open_study(storage, space: dict, base_options: list[str], trials: int, seed:
     while "identity" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.2)                     # the process that created it is writing its identity
     saved = study.user_attrs.get("identity")
-    if saved != json.loads(json.dumps(identity)):
-        raise UserError(f"The sweep storage already holds a study of another space or options "
-                        f"({json.dumps(saved)}). Continue it with that command, or start this one in another "
-                        f"-best_models_dir (or -sweep_storage).")
+    if saved is None:
+        raise UserError("The sweep storage holds a study with no record of its space: the process that created it "
+                        "stopped while doing so. Remove its sweep.db (or the -sweep_storage's study) and start again.")
+    wanted = json.loads(json.dumps(wanted))                  # as the storage keeps it
+    if saved != wanted:
+        if saved["space"] != wanted["space"]:
+            differences = f"its space is {json.dumps(saved['space'])}"
+        else:
+            differences = "its options differ: " + ", ".join(
+                f"-{name} {saved['options'].get(name)} there, {wanted['options'].get(name)} here"
+                for name in sorted(set(saved["options"]) | set(wanted["options"]))
+                if saved["options"].get(name) != wanted["options"].get(name))
+        raise UserError(f"The sweep storage already holds a study of another space or options ({differences}). "
+                        f"Continue it with that command, or start this one in another -best_models_dir "
+                        f"(or -sweep_storage).")
     return study
 
 
@@ -216,15 +246,11 @@ def make_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
 
 
-def identity_words(argv: Sequence[str]) -> list[str]:
-    """This command's options that define the study: all but the local ones (paths, device)."""
-    kept, skip = [], False
-    for word in argv:
-        if word.startswith("-") and not word[1:2].isdigit() and word != "-":
-            skip = word in LOCAL_OPTIONS
-        if not skip:
-            kept.append(word)
-    return kept
+def identity(argv: Sequence[str]) -> dict:
+    """This command's options that define the study, as parsed (so their order does not matter):
+    all but the local ones (paths, device, the sweep's own)."""
+    return {name: value for name, value in parse_args(list(argv)).to_dict().items()
+            if f"-{name}" not in LOCAL_OPTIONS}
 
 
 # ---------------------------------------------------------------- one trial
@@ -255,18 +281,28 @@ def trial_results(trial_dir: Path) -> dict:
             **{key: float(value) for key, value in best.items() if key.startswith("dice_")}}
 
 
-def covers_its_point(trial: optuna.trial.FrozenTrial) -> bool:
+def covers_its_point(trial: optuna.trial.FrozenTrial, retried: set[int]) -> bool:
     """Whether a trial counts as done (or being done) for its options: running, complete, pruned,
-    out of memory or failed; not interrupted, surplus, or dead without a word (run again)."""
+    out of memory or failed, or dead without a word (see make_storage) and not queued again
+    (`retried`: the numbers of dead trials that were); not interrupted or surplus."""
     if trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("state") in ("out of memory", "failed")
+    if trial.state != TrialState.FAIL:
+        return False
+    state = trial.user_attrs.get("state")
+    return state in ("out of memory", "failed") or (state is None and trial.number not in retried)
+
+
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """The trials that Optuna's RetryFailedTrialCallback queued again (dead ones)."""
+    return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
 
 
 def taken_by_earlier_trial(study: optuna.Study, number: int, params: dict) -> bool:
     """Whether a trial numbered before `number` has run, or runs, these grid values."""
-    return any(t.number < number and t.params == params and covers_its_point(t)
-               for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return any(t.number < number and t.params == params and covers_its_point(t, retried) for t in trials)
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -323,7 +359,6 @@ def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_
             state = "out of memory" if is_out_of_memory(error) else "failed"
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             del error
-            free_memory(device)
             ended.update(state=state, reason=reason)
             record(trial, trial_dir, started, device, state, reason)
             raise TrialStopped(reason) from None
@@ -332,7 +367,9 @@ def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_
         return trainer.best_metric
 
     try:
-        study.optimize(objective, n_trials=1, catch=(TrialStopped,))
+        # gc_after_trial: a failed trial's model and batches (held by its traceback) are freed now.
+        study.optimize(objective, n_trials=1, catch=(TrialStopped,), gc_after_trial=True)
+        free_memory(device)
     except KeyboardInterrupt:
         if ended.get("state") == "interrupted":
             # Queued again, so that the same command runs these options first when it continues.
@@ -367,10 +404,14 @@ def free_memory(device: torch.device) -> None:
 def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
     """Whether a process should start another trial: a trial is queued (an interrupted or dead
     one's options), or fewer trials than wanted have been started (see covers_its_point)."""
+    with warnings.catch_warnings():               # "experimental" since Optuna 2.9, and still there
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # dead processes' trials: failed and queued again
     all_trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in all_trials):
         return True
-    return sum(covers_its_point(t) for t in all_trials) < trials
+    retried = retried_numbers(all_trials)
+    return sum(covers_its_point(t, retried) for t in all_trials) < trials
 
 
 def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torch.device) -> optuna.Study:
@@ -386,10 +427,10 @@ def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torc
     sweep_dir = Path(config.best_models_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are reported here
-    study = open_study(make_storage(config.sweep_storage, sweep_dir), space, base_argv, trials, config.random_seed)
+    study = open_study(make_storage(config.sweep_storage, sweep_dir), space, base_argv, config.random_seed)
     try:
         while work_left(study, space, trials):
-            state = run_one_trial(study, space, base_argv, sweep_dir, train, device, grid is not None)
+            run_one_trial(study, space, base_argv, sweep_dir, train, device, grid is not None)
             write_sweep_files(study, space, sweep_dir)
     except KeyboardInterrupt:
         write_sweep_files(study, space, sweep_dir)
@@ -410,14 +451,17 @@ def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torc
 def sweep_rows(study: optuna.Study, space: dict) -> list[dict]:
     """One row per trial of sweep.csv."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    for t in trials:
         if t.state == TrialState.WAITING or t.user_attrs.get("state") == "surplus":
             continue
         attrs = t.user_attrs
         results = attrs.get("results", {})
         state = attrs.get("state", "running" if t.state == TrialState.RUNNING else t.state.name.lower())
         if t.state == TrialState.FAIL and "state" not in attrs:
-            state = "died (its process stopped without a word: no heartbeat; its options run again)"
+            again = "its options ran again" if t.number in retried else "not run again (it died before)"
+            state = f"died (its process stopped without a word, no heartbeat; {again})"
         if attrs.get("reason") and state in ("failed", "out of memory"):
             state = f"{state}: {attrs['reason']}"
         row = {"number": t.number, **{name: t.params.get(name, "") for name in space}, "state": state}
@@ -435,10 +479,14 @@ def write_sweep_files(study: optuna.Study, space: dict, sweep_dir: Path) -> None
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    temporary = sweep_dir / "sweep.csv.tmp"
+    # Each process writes its own temporary files (several may finish a trial at once), then
+    # renames them into place: a reader never sees half a file.
+    temporary = sweep_dir / f".sweep.{os.getpid()}.csv"
     with open(temporary, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     temporary.replace(sweep_dir / "sweep.csv")
-    plot_sweep(rows, space, sweep_dir / "sweep.png")
+    picture = sweep_dir / f".sweep.{os.getpid()}.png"
+    plot_sweep(rows, space, picture)
+    picture.replace(sweep_dir / "sweep.png")

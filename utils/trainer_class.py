@@ -91,6 +91,7 @@ class Trainer:
                                                               # case's prediction, after each epoch
         self.minutes_before = 0.0                       # training time of earlier sessions (-resume)
         self.started = time.monotonic()
+        self.stop_reason = "not started"                # why training_loop ended, in words
         # Poly decay of the learning rate to 0 over the run (nnU-Net's schedule).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.poly_factor)
 
@@ -184,6 +185,7 @@ class Trainer:
         if self.epoch == 0:   # so that even a run stopped in its first epoch can be resumed
             self.save("last.pt")
         predictions = None
+        self.stop_reason = f"all {self.config.epochs} epochs done"
         for epoch in range(self.epoch, self.config.epochs):
             train_loss = self.train_one_epoch()
             metrics = self.validate()
@@ -213,9 +215,11 @@ class Trainer:
             if patience is not None and self.epochs_without_improvement >= patience:
                 self.say(f"Early stopping: no improvement for {patience} epochs. "
                            f"Best mean Dice {self.best_metric:.4f} is in {self.run_dir / 'best.pt'}")
+                self.stop_reason = f"early stopping: no improvement for {patience} epochs"
                 break
             if self.time_is_up():
                 self.say(f"Stopping: the time limit of {self.config.max_minutes} minutes is reached.")
+                self.stop_reason = f"the time limit of {self.config.max_minutes:g} minutes"
                 break
         if predictions is not None:
             self.run_log.end(self.history, predictions, self.val_cases, self.progress_frames)
