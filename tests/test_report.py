@@ -90,3 +90,17 @@ def test_an_interrupted_run_still_gets_its_report(task_dir, tmp_path, monkeypatc
 def test_the_time_limit_is_named(task_dir, tmp_path):
     assert run_main(task_dir, tmp_path / "timed", "-max_minutes", "0.0001") == 0
     assert "the time limit of 0.0001 minutes" in read_page(tmp_path / "timed").text
+
+
+def test_a_sweep_gets_its_page_with_every_trial_and_the_best_command(task_dir, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": [0.02, 0.05]}))
+    out_dir = tmp_path / "sweep"
+    assert run_main(task_dir, out_dir, "-sweep", str(space)) == 0
+    page = Page((out_dir / "sweep.html").read_text(encoding="utf-8"))
+    assert_self_contained(page)
+    rows = list(csv.DictReader(open(out_dir / "sweep.csv")))
+    best = max(rows, key=lambda r: float(r["dice_mean"]))
+    assert f"Trial {best['number']}, validation mean Dice {float(best['dice_mean']):.4f}" in page.text
+    assert best["command"] in page.text and "Trials (2), best first" in page.text
+    assert len(page.images) == 1                              # sweep.png

@@ -1,4 +1,5 @@
-"""report.html: one self-contained page per run, to open in any browser, print, or send.
+"""report.html: one self-contained page per run, to open in any browser, print, or send; and
+sweep.html, one per sweep.
 
 Written at the end of training (also after Ctrl-C, early stopping and the time limit) and
 rewritten by -evaluate. Everything comes from the run folder (config.json, metrics.csv, the
@@ -14,6 +15,7 @@ import csv
 import html
 import io
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -233,3 +235,31 @@ def details_section(saved: dict) -> str:
     return ("<h2>Configuration and split</h2>"
             f"<details><summary>every option</summary><pre>{html.escape(config)}</pre></details>"
             f"<details><summary>training / validation split</summary><pre>{html.escape(split_text)}</pre></details>")
+
+
+def write_sweep_report(sweep_dir: str | Path, rows: Sequence[dict], space: dict) -> Path:
+    """sweep.html next to sweep.csv: the space, the best trial and the command that repeats it,
+    sweep.png, and every trial, best first; as self-contained as report.html."""
+    sweep_dir = Path(sweep_dir)
+    complete = [row for row in rows if row["state"] == "complete" and row.get("dice_mean") not in ("", None)]
+    parts = [f"<h1>Sweep report: {html.escape(str(sweep_dir))}</h1>",
+             f"<h2>Space</h2><pre>{html.escape(json.dumps(space, indent=2))}</pre>"]
+    if complete:
+        best = max(complete, key=lambda row: float(row["dice_mean"]))
+        parts.append(f"<h2>Best trial</h2><p>Trial <b>{best['number']}</b>, validation mean Dice "
+                     f"<b>{float(best['dice_mean']):.4f}</b>. Repeat it with:</p><pre>{html.escape(best['command'])}</pre>")
+    else:
+        parts.append("<h2>Best trial</h2><p>No trial has completed yet.</p>")
+    if (sweep_dir / "sweep.png").is_file():
+        parts.append("<h2>Plots</h2>" + image(data_uri(sweep_dir / "sweep.png", "image/png"),
+                                              "best Dice against each swept option, and the trials over time"))
+    ordered = sorted(rows, key=lambda row: -float(row["dice_mean"]) if row.get("dice_mean") not in ("", None) else 1)
+    columns = [c for c in (rows[0].keys() if rows else []) if c != "command"]
+    parts.append(f"<h2>Trials ({len(rows)}), best first</h2>" + table(ordered, columns))
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Sweep report: "
+            f"{html.escape(sweep_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    path = sweep_dir / "sweep.html"
+    temporary = sweep_dir / f".sweep.{os.getpid()}.html"
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(path)
+    return path

@@ -45,6 +45,7 @@ from utils.errors import UserError
 from utils.memory import is_out_of_memory, peak_memory, reset_peak
 from utils.model import check_network_options
 from utils.plots import plot_sweep
+from utils.report import write_sweep_report
 
 STUDY_NAME = "sweep"
 RANGE_TRIALS = 10                 # -trials when the space has a range and -trials is not given
@@ -416,7 +417,7 @@ def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
 
 def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torch.device) -> optuna.Study:
     """-sweep: run trials until the space (a grid) or -trials is done, writing sweep.csv and
-    sweep.png after each; print the best trial and the command that repeats it."""
+    sweep.png and sweep.html after each; print the best trial and the command that repeats it."""
     base_argv = list(argv)
     space = read_space(config.sweep, base_argv)
     grid = grid_points(space) if is_grid(space) else None
@@ -490,3 +491,4 @@ def write_sweep_files(study: optuna.Study, space: dict, sweep_dir: Path) -> None
     picture = sweep_dir / f".sweep.{os.getpid()}.png"
     plot_sweep(rows, space, picture)
     picture.replace(sweep_dir / "sweep.png")
+    write_sweep_report(sweep_dir, rows, space)
