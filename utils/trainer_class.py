@@ -24,6 +24,7 @@ from utils.losses import DeepSupervisionLoss, deep_supervision_weights, segmenta
 from utils.memory import peak_memory
 from utils.plots import mid_slices
 from utils.run_log import RunLog
+from utils.semi_supervised import MeanTeacher
 
 POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
 
@@ -63,7 +64,8 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  train_loader: DataLoader, val_cases: Cases, config: Config, run_dir: str | Path, device: torch.device,
                  class_names: list[str], run_info: dict, place: Place | None = None,
-                 run_log: RunLog | None = None, after_epoch: Callable[[dict], None] | None = None):
+                 run_log: RunLog | None = None, after_epoch: Callable[[dict], None] | None = None,
+                 unlabelled_loader: DataLoader | None = None, mean_teacher: MeanTeacher | None = None):
         self.model, self.loss_fn = model, loss_fn       # model: the network, or its DDP wrapper
         self.network = unwrap(model)                    # the network itself: evaluated and saved
         self.place = place or Place(device=device)      # rank and world size under torchrun
@@ -75,6 +77,10 @@ class Trainer:
         self.run_info = run_info                        # split, preprocessing, model_config: kept in checkpoints
         self.run_log = run_log or RunLog(self.run_dir, class_names, is_main=self.place.is_main)
         self.after_epoch = after_epoch                  # e.g. a sweep's pruner, given each epoch's row
+        # Semi-supervised learning (utils/semi_supervised.py): batches of unlabelled crops, and the
+        # teacher whose predictions on them the network learns to agree with.
+        self.unlabelled_loader, self.mean_teacher = unlabelled_loader, mean_teacher
+        self.steps = 0                                  # optimizer steps taken, for the teacher's average
 
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
@@ -111,11 +117,27 @@ class Trainer:
         logits = outputs[:, 0] if outputs.ndim > labels.ndim else outputs
         return loss, logits
 
+    def consistency_pass(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """An unlabelled batch (its labels, if any, are not looked at) -> the mean teacher's
+        consistency loss, already weighted by the ramp-up: the student and the teacher each see
+        the crops with their own noise, and the student learns to give the teacher's scores."""
+        images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.config))
+        with self.autocast():
+            student = self.model(self.mean_teacher.noisy(images))
+            with torch.no_grad():
+                teacher = self.mean_teacher.teacher(self.mean_teacher.noisy(images))
+        if student.ndim == images.ndim + 1:             # deep supervision: the full-resolution output
+            student = student[:, 0]
+        return self.mean_teacher.ramp(self.progress()) * self.mean_teacher.consistency(student, teacher)
+
     def backward_pass(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)                # skipped by the scaler if grads are inf/NaN
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.mean_teacher is not None:
+            self.mean_teacher.update(self.network, self.steps)
 
     # ------------------------------------------------------------ one epoch
 
@@ -127,14 +149,18 @@ class Trainer:
         # Under DDP all processes must stop at the same step, so they agree first.
         return limit is not None and any_process(self.minutes_trained() > limit, self.place)
 
-    def poly_factor(self, _: int = 0) -> float:
-        """Learning-rate factor (1 - progress) ** 0.9, where progress runs from 0 to 1 over the
-        epochs, or over -max_minutes when that budget runs out first. (With a time budget the
-        schedule follows the clock, so such runs are not bit-for-bit repeatable.)"""
+    def progress(self) -> float:
+        """How far the run is, 0 to 1: over the epochs, or over -max_minutes when that budget
+        runs out first. (With a time budget it follows the clock, so such runs are not bit-for-bit
+        repeatable.)"""
         progress = self.epoch / self.config.epochs
         if self.config.max_minutes is not None:
             progress = max(progress, self.minutes_trained() / self.config.max_minutes)
-        return (1 - min(progress, 1.0)) ** POLY_POWER
+        return min(progress, 1.0)
+
+    def poly_factor(self, _: int = 0) -> float:
+        """Learning-rate factor (1 - progress) ** 0.9 (nnU-Net's poly decay)."""
+        return (1 - self.progress()) ** POLY_POWER
 
     def train_one_epoch(self) -> float:
         """Train for one epoch (Nit iterations) and return the mean training loss of its steps.
@@ -147,8 +173,11 @@ class Trainer:
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         bar = tqdm(self.train_loader, desc=self.epoch_name(self.epoch + 1), leave=False,
                    disable=not self.place.is_main)
+        unlabelled = iter(self.unlabelled_loader) if self.mean_teacher is not None else None
         for iteration, batch in enumerate(bar, start=1):
             loss, _ = self.forward_pass(batch)
+            if unlabelled is not None:
+                loss = loss + self.consistency_pass(next(unlabelled))
             if not self.scaler.is_enabled():
                 self.check_finite(loss, iteration)
             self.backward_pass(loss)
@@ -265,6 +294,11 @@ class Trainer:
             **self.run_info,
             "rng": {"processes": gather(rng_states(), self.place), "device": self.device.type,
                     "sampler": sampler.state_dict(), "loader": self.train_loader.generator.get_state()},
+            "steps": self.steps,
+            **({} if self.mean_teacher is None else {
+                "mean_teacher": self.mean_teacher.state_dict(),
+                "unlabelled": {"sampler": self.unlabelled_loader.sampler.state_dict(),
+                               "loader": self.unlabelled_loader.generator.get_state()}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -284,6 +318,11 @@ class Trainer:
         self.progress_frames = list(state["progress_frames"])
         self.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
         self.train_loader.generator.set_state(state["rng"]["loader"])
+        self.steps = state.get("steps", 0)
+        if self.mean_teacher is not None:
+            self.mean_teacher.load_state_dict(state["mean_teacher"])
+            self.unlabelled_loader.sampler.load_state_dict(state["unlabelled"]["sampler"])
+            self.unlabelled_loader.generator.set_state(state["unlabelled"]["loader"])
         # Each process continues its own random stream when the processes and device are the same.
         processes, saved_on = state["rng"]["processes"], state["rng"].get("device", self.device.type)
         if len(processes) == self.place.world_size:
