@@ -26,12 +26,12 @@ from utils.args import (Config, explicit_options, for_device, parse_args, refuse
                         refuse_options_that_do_not_apply)
 from utils.checkpoint import check_same_model, load_checkpoint
 from utils.cache import Cases, load_cases
-from utils.data_class import split_cases, train_loader
-from utils.distributed import Place, barrier, start, stop, wrap
+from utils.data_class import labelled_subset, split_cases, train_loader
+from utils.distributed import Place, barrier, start, stop, unwrap, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
-from utils.layouts import TaskInfo, read_data
+from utils.layouts import TaskInfo, read_data, read_unlabelled
 from utils.lr_finder import SUGGESTION_RULE, range_test, write_range_test
 from utils.losses import choose_class_weights
 from utils.memory import describe_peak, peak_memory, reset_peak
@@ -39,6 +39,7 @@ from utils.model import (build_model, check_network_options, count_parameters, d
                          freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
 from utils.prediction import predict_files
 from utils.report import failure_cases, write_report
+from utils.semi_supervised import MeanTeacher
 from utils.sweep import run_sweep
 from utils.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
@@ -123,7 +124,12 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
     else:
         split_seed = config.random_seed if config.split_seed is None else config.split_seed
         split = split_cases(cases.ids, config.train_val_ratio, split_seed, info.split)
-    train_cases, val_cases = cases.subset(split["train"]), cases.subset(split["val"])
+    labelled, unlabelled_ids = labelled_subset(split["train"], config.labelled_fraction, config.random_seed)
+    train_cases, val_cases = cases.subset(labelled), cases.subset(split["val"])
+    if config.labelled_fraction < 1:
+        say(f"-labelled_fraction {config.labelled_fraction:g}: {len(labelled)} training cases keep their labels, "
+            f"{len(unlabelled_ids)} are used as unlabelled scans" + ("" if config.mean_teacher else
+                                                                    " (by nothing, without -mean_teacher True)"))
     if config.batch_size > len(train_cases):
         say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
               f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
@@ -131,6 +137,25 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
     loader = train_loader(train_cases, config.batch_size, config.Nit, config.augment, config.num_workers,
                           config.random_seed, config.patch_size, pin_memory=device.type == "cuda",
                           rank=place.rank, world_size=place.world_size, foreground_crops=config.foreground_crops)
+    unlabelled_loader = None
+    if config.mean_teacher:
+        if place.distributed:
+            raise UserError("-mean_teacher runs in one process for now (its second forward pass per step "
+                            "is not yet arranged for DDP): start it with python main.py, not torchrun.")
+        pool = cases.subset(unlabelled_ids) if unlabelled_ids else None
+        if config.unlabelled_dir is not None:
+            scans, _ = load_cases(read_unlabelled(config.unlabelled_dir, info), divisor, progress=place.is_main,
+                                  preprocessing=preprocessing, cache_dir=config.cache_dir)
+            pool = scans if pool is None else pool.join(scans)
+        if pool is None:
+            say("Note: -mean_teacher has no unlabelled scans (no -unlabelled_dir, -labelled_fraction 1), so it "
+                "asks for consistency on the training scans themselves.")
+        pool = pool or train_cases
+        # As many unlabelled batches as labelled ones, from crops anywhere in the scans.
+        unlabelled_loader = train_loader(pool, config.batch_size, len(loader), config.augment, config.num_workers,
+                                         config.random_seed + 2, config.patch_size, pin_memory=device.type == "cuda",
+                                         rank=place.rank, world_size=place.world_size)
+        say(f"{len(pool)} unlabelled scans for the mean teacher")
     spacing = "each scan's own spacing" if preprocessing.spacing is None else \
         " x ".join(f"{side:g}" for side in preprocessing.spacing) + " mm voxels"
     say(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
@@ -168,14 +193,18 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
 
     # Training
     weights = run_class_weights(config, info, train_cases, resume_state, say)
-    run_info = {"split": split, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
+    run_info = {"split": split, "labelled": labelled, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()},
                 "fingerprint": cases.fingerprint,      # spacings, shapes, intensities; target_spacing
                 **weights}
     loss = make_loss(config.loss, weights["class_weights"], training_outputs(architecture))
+    mean_teacher = None
+    if config.mean_teacher:
+        mean_teacher = MeanTeacher(unwrap(model), config.consistency_weight, config.consistency_rampup, config.ema_decay)
     trainer = Trainer(model, loss, optimizer, loader, val_cases, config, run_dir, device,
-                      info.foreground_names, run_info, place, after_epoch=after_epoch)
+                      info.foreground_names, run_info, place, after_epoch=after_epoch,
+                      unlabelled_loader=unlabelled_loader, mean_teacher=mean_teacher)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
         say(f"Resuming {run_dir} after epoch {trainer.epoch}")

@@ -63,6 +63,8 @@ open_ratio = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); use e.g. 0.
 momentum_value = checked(float, lambda v: 0 < v < 1, "is outside (0, 1); Nesterov momentum needs more than 0 "
                          "and less than 1 (e.g. 0.99)")
 unit_interval = checked(float, lambda v: 0 <= v <= 1, "is outside [0, 1]; give a share such as 0.33")
+labelled_share = checked(float, lambda v: 0 < v <= 1, "is outside (0, 1]; give a share such as 0.3")
+decay_value = checked(float, lambda v: 0 <= v < 1, "is outside [0, 1); give e.g. 0.99")
 seed_value = checked(int, lambda v: 0 <= v < 2 ** 32, "is outside 0 to 2**32 - 1, the seeds NumPy accepts")
 
 # -batch_size when it is not given: a GPU runs a batch of 16 about as fast as a batch of 2, while
@@ -230,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("-config", type=optional(existing_file), default=None,
                      help="a run's config.json to repeat; options on the command line override it")
 
+    semi = p.add_argument_group("unlabelled scans (semi-supervised)")
+    semi.add_argument("-mean_teacher", default=False,
+                      help="also learn from unlabelled scans: the network is trained to agree with a "
+                           "teacher (its exponential moving average) on them (utils/semi_supervised.py)", **flag)
+    semi.add_argument("-unlabelled_dir", type=optional(str), default=None,
+                      help="a folder of unlabelled NIfTI scans, or auto for the task's imagesTs/; read, "
+                           "checked and preprocessed like the labelled ones. With -mean_teacher and no "
+                           "unlabelled scans, the training scans serve (consistency on them alone)")
+    semi.add_argument("-labelled_fraction", type=labelled_share, default=1.0,
+                      help="keep the labels of only this share of the training cases (a seeded choice) and "
+                           "use the others as unlabelled scans: to measure what -mean_teacher gains")
+    semi.add_argument("-consistency_weight", type=non_negative_float, default=0.1,
+                      help="weight of the consistency loss once ramped up (Yu et al. 2019's 0.1)")
+    semi.add_argument("-consistency_rampup", type=unit_interval, default=0.4,
+                      help="share of the run (epochs, or -max_minutes) over which the consistency weight "
+                           "rises from 0 as exp(-5 (1 - t)^2)")
+    semi.add_argument("-ema_decay", type=decay_value, default=0.99,
+                      help="the teacher's weights: decay * teacher + (1 - decay) * network after every step")
+
     experiments = p.add_argument_group("experiments")
     experiments.add_argument("-lr_find", default=False,
                              help="instead of training, the learning-rate range test (MONAI's "
@@ -294,6 +315,12 @@ class Config:
     tta: bool
     postprocess: bool
     config: str | None
+    mean_teacher: bool
+    unlabelled_dir: str | None
+    labelled_fraction: float
+    consistency_weight: float
+    consistency_rampup: float
+    ema_decay: float
     lr_find: bool
     sweep: str | None
     trials: int | None
@@ -398,6 +425,11 @@ def refuse_mode_combinations(config: Config, argv: Sequence[str] | None) -> None
     if len(modes) > 1 and ({"lr_find", "sweep"} & set(modes)):
         raise UserError(f"-{modes[0]} and -{modes[1]} are different kinds of run; give one of them. (To range-test "
                         f"or sweep from trained weights, pass -train_from_checkpoint.)")
+    semi = ("unlabelled_dir", "consistency_weight", "consistency_rampup", "ema_decay")
+    for option in semi:
+        if option in typed and not config.mean_teacher:
+            raise UserError(f"-{option} belongs to -mean_teacher True (learning from unlabelled scans); "
+                            f"pass it, or leave -{option} out.")
     for option in ("trials", "sweep_storage"):
         if option in typed and config.sweep is None:
             raise UserError(f"-{option} belongs to a sweep; pass -sweep space.json, or leave -{option} out.")

@@ -114,6 +114,11 @@ class Cases:
         back = tio.Resample((grid.native_shape, grid.native_affine))(tio.ScalarImage(tensor=image, affine=grid.affine))
         return back.data
 
+    def join(self, other: "Cases") -> "Cases":
+        """These cases followed by `other`'s (e.g. the unlabelled scans of two sources)."""
+        fields = ("ids", "images", "labels", "native_labels", "uncrop", "grids", "spacings", "windows", "foreground")
+        return Cases(*(getattr(self, f) + getattr(other, f) for f in fields))
+
     def subset(self, ids: Sequence[str]) -> "Cases":
         where = {case: i for i, case in enumerate(self.ids)}
         missing = [case for case in ids if case not in where]
@@ -132,7 +137,7 @@ class Cases:
 def cache_key(info: TaskInfo, divisor: int, preprocessing: Preprocessing | None) -> str:
     """A name for everything that decides the cache's content (see the module's docstring)."""
     files = []
-    for path in (p for pair in info.pairs for p in pair):
+    for path in (p for pair in info.pairs for p in pair if p is not None):       # None: an unlabelled scan
         stat = path.stat()
         files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     content = {"version": CACHE_VERSION, "files": files, "ids": info.case_ids, "labels": sorted(info.label_names),

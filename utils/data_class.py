@@ -57,6 +57,15 @@ def split_cases(ids: Sequence[str], train_val_ratio: float, seed: int,
 # ---------------------------------------------------------------- loaders
 
 
+def labelled_subset(train_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) training case ids: a seeded choice of round(fraction * n) cases
+    (at least one) keeps its labels (-labelled_fraction), the rest is used as unlabelled."""
+    keep = max(1, round(len(train_ids) * fraction))
+    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(seed + 7)).tolist()
+    labelled = sorted(train_ids[i] for i in order[:keep])
+    return labelled, sorted(set(train_ids) - set(labelled))
+
+
 class PatchDataset(Dataset):
     """(image, label) crops of `patch_size` (capped at the volume's shape) of preprocessed cases,
     read from their memory maps: only the crop is read. A share `foreground_crops` of them is

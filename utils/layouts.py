@@ -232,3 +232,23 @@ def class_names(pairs: list[tuple[Path, Path]], label_names: Sequence[str] | Non
                         f"name every class with -label_names (background first), when a class is "
                         f"missing from all the files.")
     return {0: "background", **{int(value): f"class_{int(value)}" for value in values[1:]}}
+
+
+def read_unlabelled(where: str, info: TaskInfo) -> TaskInfo:
+    """-unlabelled_dir: the unlabelled scans of a folder of NIfTI files, or with "auto" the task's
+    own (dataset.json's "test" list, imagesTs/), as a TaskInfo of (image, None) pairs with the
+    labelled data's classes and channels."""
+    if where == "auto":
+        images = list(info.test_images)
+        if not images:
+            raise DataError(f"-unlabelled_dir auto: {info.task_dir} lists no unlabelled scans (dataset.json's "
+                            f"'test', imagesTs/). Give a folder of NIfTI scans instead.")
+        source = info.task_dir
+    else:
+        source = Path(where)
+        if not source.is_dir():
+            raise DataError(f"-unlabelled_dir {where} is not a folder. Give a folder of NIfTI scans, or auto.")
+        images = sorted(nifti_files(source).values())
+        if not images:
+            raise DataError(f"-unlabelled_dir {where} holds no NIfTI scan (.nii or .nii.gz).")
+    return TaskInfo(source, info.label_names, info.in_channels, [(image, None) for image in images], [])

@@ -177,14 +177,21 @@ def to_grid(scores: torch.Tensor, affine: np.ndarray, shape: Sequence[int], grid
     return label_map(resampled.data)
 
 
-def load_pair(image_path: Path, label_path: Path, label_values: set[int]) -> tio.Subject:
-    """Read one case, check it, and return it in canonical orientation."""
+def load_pair(image_path: Path, label_path: Path | None, label_values: set[int]) -> tio.Subject:
+    """Read one case, check it, and return it in canonical orientation. An unlabelled scan
+    (`label_path` None) gets an empty (all background) label map, which nothing trains on."""
     try:
-        image, label = read_scan(image_path, "image"), read_scan(label_path, "label")
+        image = read_scan(image_path, "image")
+        label = read_scan(label_path, "label") if label_path is not None else None
     except ScanError as error:
         raise DataError(f"Cannot read {error.path}: it {error.reason}. A corrupt or truncated file is "
                         f"usually left by an interrupted copy or download; restore it from the "
                         f"archive.") from None
+    if label is None:
+        if image.data.ndim != 4:
+            raise DataError(f"{image_path} is not a 3D (or 4D, channels last) scan.")
+        empty = torch.zeros(1, *image.spatial_shape, dtype=torch.uint8)
+        return tio.ToCanonical()(tio.Subject(image=image, label=tio.LabelMap(tensor=empty, affine=image.affine)))
     subject = tio.Subject(image=image, label=label)
     if image.data.ndim != 4 or label.num_channels != 1:
         raise DataError(f"{label_path} has {label.num_channels} channels; a label map has one.")

@@ -1,0 +1,124 @@
+"""Unlabelled scans and the mean teacher (utils/semi_supervised.py): the unlabelled loader, the
+consistency loss and the teacher's average, exact resume with it on, and bad unlabelled files named."""
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import main as entry
+from conftest import TINY, interrupt_validation, learning_figures, write_task
+from utils.checkpoint import load_checkpoint
+from utils.data_class import labelled_subset
+from utils.layouts import read_task, read_unlabelled
+from utils.semi_supervised import MeanTeacher
+
+
+def run_main(task_dir, run_dir, *extra) -> int:
+    return entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(run_dir), *TINY, *extra])
+
+
+def write_unlabelled(folder, count=3, shape=(11, 13, 12), seed=5):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, shape).astype(np.float32), np.eye(4)),
+                 folder / f"scan_{i}.nii.gz")
+    return folder
+
+
+def test_labelled_subset_keeps_a_seeded_share_and_gives_the_rest():
+    ids = [f"c{i}" for i in range(10)]
+    labelled, unlabelled = labelled_subset(ids, 0.3, seed=1)
+    assert len(labelled) == 3 and sorted(labelled + unlabelled) == ids
+    assert labelled_subset(ids, 0.3, seed=1) == (labelled, unlabelled)
+    assert labelled_subset(ids, 1.0, seed=1) == (ids, [])
+    assert len(labelled_subset(ids, 0.01, seed=1)[0]) == 1                   # at least one
+
+
+def test_the_ramp_rises_from_near_zero_to_the_weight():
+    teacher = MeanTeacher(torch.nn.Linear(2, 2), weight=0.1, rampup=0.4, ema_decay=0.99)
+    assert teacher.ramp(0.0) == pytest.approx(0.1 * math.exp(-5))
+    assert teacher.ramp(0.2) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert teacher.ramp(0.4) == teacher.ramp(0.9) == 0.1
+
+
+def test_the_teacher_is_an_exponential_average_of_the_student():
+    student = torch.nn.Linear(2, 1)
+    mean = MeanTeacher(student, weight=1.0, rampup=0.0, ema_decay=0.9)
+    before = mean.teacher.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    mean.update(student, step=100)                 # late in the run: the full decay
+    assert torch.allclose(mean.teacher.weight, 0.9 * before + 0.1 * student.weight)
+    assert not mean.teacher.weight.requires_grad
+    mean.update(student, step=1)                   # the first steps follow the student closely
+    assert torch.allclose(mean.teacher.weight, 0.5 * (0.9 * before + 0.1 * student.weight) + 0.5 * student.weight)
+
+
+def test_consistency_is_zero_for_agreeing_scores_and_grows_with_disagreement():
+    mean = MeanTeacher(torch.nn.Linear(2, 2), 1.0, 0.0, 0.99)
+    a = torch.randn(2, 3, 4, 4, 4)
+    assert mean.consistency(a, a).item() == 0
+    assert mean.consistency(a, a + torch.randn_like(a)).item() > 0
+
+
+def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys):
+    options = ["-epochs", "3", "-mean_teacher", "True", "-labelled_fraction", "0.5", "-consistency_rampup", "0.3"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_main(task_dir, whole, *options) == 0
+    out = capsys.readouterr().out
+    assert "3 training cases keep their labels, 3 are used as unlabelled scans" in out
+    state = load_checkpoint(whole / "last.pt")
+    assert set(state["mean_teacher"]["teacher"]) == set(state["model"])
+    assert not all(torch.equal(state["mean_teacher"]["teacher"][k], state["model"][k]) for k in state["model"])
+    assert len(state["labelled"]) == 3
+
+    interrupt_validation(monkeypatch, at_call=2)
+    assert run_main(task_dir, parts, *options) == 130
+    monkeypatch.undo()
+    assert entry.main(["-best_models_dir", str(parts), "-resume", "True"]) == 0
+    assert learning_figures(parts) == learning_figures(whole)
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["mean_teacher"]["teacher"][k], b["mean_teacher"]["teacher"][k]) for k in a["model"])
+
+
+def test_the_consistency_loss_changes_training(task_dir, tmp_path):
+    assert run_main(task_dir, tmp_path / "plain", "-labelled_fraction", "0.5") == 0
+    assert run_main(task_dir, tmp_path / "teacher", "-labelled_fraction", "0.5", "-mean_teacher", "True",
+                    "-consistency_rampup", "0", "-consistency_weight", "10") == 0
+    plain, teacher = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "teacher" / "last.pt")
+    assert plain["labelled"] == teacher["labelled"]
+    assert not all(torch.equal(plain["model"][k], teacher["model"][k]) for k in plain["model"])
+
+
+def test_unlabelled_scans_from_a_folder_are_read_and_preprocessed(task_dir, tmp_path, capsys):
+    folder = write_unlabelled(tmp_path / "unlabelled")
+    assert run_main(task_dir, tmp_path / "run", "-mean_teacher", "True", "-unlabelled_dir", str(folder)) == 0
+    assert "3 unlabelled scans for the mean teacher" in capsys.readouterr().out
+    info = read_unlabelled(str(folder), read_task(task_dir))
+    assert [label for _, label in info.pairs] == [None] * 3
+
+
+def test_auto_without_imagests_and_a_bad_unlabelled_file_are_named(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "a", "-mean_teacher", "True", "-unlabelled_dir", "auto") == 1
+    assert "lists no unlabelled scans" in capsys.readouterr().err
+    folder = write_unlabelled(tmp_path / "unlabelled")
+    (folder / "scan_1.nii.gz").write_bytes(b"not a scan")
+    assert run_main(task_dir, tmp_path / "b", "-mean_teacher", "True", "-unlabelled_dir", str(folder)) == 1
+    assert "scan_1.nii.gz" in capsys.readouterr().err
+    assert run_main(task_dir, tmp_path / "c", "-unlabelled_dir", str(folder)) == 1
+    assert "-unlabelled_dir belongs to -mean_teacher True" in capsys.readouterr().err
+
+
+def test_auto_reads_the_tasks_imagests(tmp_path, capsys):
+    task = write_task(tmp_path / "data")
+    write_unlabelled(task / "imagesTs", count=2)
+    import json
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["test"] = [f"./imagesTs/scan_{i}.nii.gz" for i in range(2)]
+    (task / "dataset.json").write_text(json.dumps(meta))
+    assert run_main(task, tmp_path / "run", "-mean_teacher", "True", "-unlabelled_dir", "auto", "-epochs", "1") == 0
+    assert "2 unlabelled scans for the mean teacher" in capsys.readouterr().out
