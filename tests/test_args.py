@@ -134,10 +134,11 @@ BAD_VALUES = {
     "-num_res_units": "-1", "-train_from_checkpoint": "/no/such/file.pt", "-config": "/no/such/config.json",
     "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
     "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy", "-sweep": "/no/such/space.json",
-    "-trials": "0",
+    "-trials": "0", "-labelled_fraction": "0", "-consistency_weight": "-1", "-consistency_rampup": "2",
+    "-ema_decay": "1",
 }
 FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir",
-             "-sweep_storage"}
+             "-sweep_storage", "-unlabelled_dir"}
 
 
 def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):
