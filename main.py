@@ -69,6 +69,17 @@ def with_network_of(checkpoint: dict, config: Config, argv: list[str] | None) ->
     return dataclasses.replace(config, **{name: saved[name] for name in NETWORK_OPTIONS if name not in typed})
 
 
+def refuse_other_unlabelled_options(resume_state: dict, argv: list[str] | None) -> None:
+    """-resume continues with the unlabelled scans and labelled share of its run: typing others
+    would change the run's data halfway."""
+    saved, typed = resume_state["config"], explicit_options(argv)
+    for option in ("mean_teacher", "labelled_fraction", "unlabelled_dir", "random_seed"):
+        if option in typed and typed[option] != saved.get(option, parse_args([]).to_dict()[option]):
+            raise UserError(f"-{option} {typed[option]} differs from the run being resumed "
+                            f"({saved.get(option)}); -resume continues with the run's own. Leave -{option} "
+                            f"out, or start a new run in another -best_models_dir.")
+
+
 def run_class_weights(config: Config, info: TaskInfo, train_cases: Cases, resume_state: dict | None,
                       say: Callable) -> dict:
     """-class_weights as run_info keeps them (config.json, checkpoints); -resume continues with
@@ -125,6 +136,9 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
         split_seed = config.random_seed if config.split_seed is None else config.split_seed
         split = split_cases(cases.ids, config.train_val_ratio, split_seed, info.split)
     labelled, unlabelled_ids = labelled_subset(split["train"], config.labelled_fraction, config.random_seed)
+    if resume_state is not None:
+        refuse_other_unlabelled_options(resume_state, argv)
+        labelled = resume_state.get("labelled", labelled)
     train_cases, val_cases = cases.subset(labelled), cases.subset(split["val"])
     if config.labelled_fraction < 1:
         say(f"-labelled_fraction {config.labelled_fraction:g}: {len(labelled)} training cases keep their labels, "
@@ -151,6 +165,13 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
             say("Note: -mean_teacher has no unlabelled scans (no -unlabelled_dir, -labelled_fraction 1), so it "
                 "asks for consistency on the training scans themselves.")
         pool = pool or train_cases
+        leaking = sorted(set(pool.ids) & set(split["val"]))
+        if leaking:
+            say(f"Warning: {len(leaking)} unlabelled scans have the names of validation cases ({', '.join(leaking[:3])}"
+                f"{', ...' if len(leaking) > 3 else ''}): if they are the same scans, validation is not blind.")
+        if resume_state is not None and resume_state.get("unlabelled") not in (None, pool.ids):
+            raise UserError("The unlabelled scans differ from those of the run being resumed. Resume with the "
+                            "same -unlabelled_dir (and its files unchanged).")
         # As many unlabelled batches as labelled ones, from crops anywhere in the scans.
         unlabelled_loader = train_loader(pool, config.batch_size, len(loader), config.augment, config.num_workers,
                                          config.random_seed + 2, config.patch_size, pin_memory=device.type == "cuda",
@@ -193,7 +214,9 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
 
     # Training
     weights = run_class_weights(config, info, train_cases, resume_state, say)
-    run_info = {"split": split, "labelled": labelled, "preprocessing": preprocessing.to_dict(), "model_config": architecture,
+    run_info = {"split": split, "labelled": labelled,
+                "unlabelled": unlabelled_loader.dataset.cases.ids if unlabelled_loader is not None else None,
+                "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()},
                 "fingerprint": cases.fingerprint,      # spacings, shapes, intensities; target_spacing

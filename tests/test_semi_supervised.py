@@ -72,8 +72,8 @@ def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_d
     assert "3 training cases keep their labels, 3 are used as unlabelled scans" in out
     state = load_checkpoint(whole / "last.pt")
     assert set(state["mean_teacher"]["teacher"]) == set(state["model"])
-    assert not all(torch.equal(state["mean_teacher"]["teacher"][k], state["model"][k]) for k in state["model"])
-    assert len(state["labelled"]) == 3
+    assert len(state["labelled"]) == 3 and len(state["unlabelled"]) == 3
+    assert not set(state["labelled"]) & set(state["unlabelled"])
 
     interrupt_validation(monkeypatch, at_call=2)
     assert run_main(task_dir, parts, *options) == 130
@@ -85,13 +85,36 @@ def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_d
     assert all(torch.equal(a["mean_teacher"]["teacher"][k], b["mean_teacher"]["teacher"][k]) for k in a["model"])
 
 
-def test_the_consistency_loss_changes_training(task_dir, tmp_path):
-    assert run_main(task_dir, tmp_path / "plain", "-labelled_fraction", "0.5") == 0
-    assert run_main(task_dir, tmp_path / "teacher", "-labelled_fraction", "0.5", "-mean_teacher", "True",
-                    "-consistency_rampup", "0", "-consistency_weight", "10") == 0
-    plain, teacher = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "teacher" / "last.pt")
-    assert plain["labelled"] == teacher["labelled"]
-    assert not all(torch.equal(plain["model"][k], teacher["model"][k]) for k in plain["model"])
+def test_weight_zero_trains_exactly_as_without_the_method_and_a_weight_changes_it(task_dir, tmp_path):
+    # The unlabelled batches and noise come from their own random stream: with weight 0 the
+    # network sees the same labelled batches and gets the same updates as without the method.
+    common = ["-labelled_fraction", "0.5", "-mixed_precision", "False"]
+    assert run_main(task_dir, tmp_path / "plain", *common) == 0
+    teacher = ["-mean_teacher", "True", "-consistency_rampup", "0"]
+    assert run_main(task_dir, tmp_path / "zero", *common, *teacher, "-consistency_weight", "0") == 0
+    assert run_main(task_dir, tmp_path / "ten", *common, *teacher, "-consistency_weight", "10") == 0
+    plain, zero, ten = (load_checkpoint(tmp_path / name / "last.pt") for name in ("plain", "zero", "ten"))
+    assert plain["labelled"] == zero["labelled"] == ten["labelled"]
+    assert all(torch.equal(plain["model"][k], zero["model"][k]) for k in plain["model"])
+    assert not all(torch.equal(plain["model"][k], ten["model"][k]) for k in plain["model"])
+    rows = learning_figures(tmp_path / "ten")
+    assert all(float(row["consistency_loss"]) > 0 for row in rows)
+
+
+def test_resume_refuses_other_unlabelled_options(task_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(task_dir, run, "-epochs", "1", "-mean_teacher", "True", "-labelled_fraction", "0.5") == 0
+    assert entry.main(["-best_models_dir", str(run), "-resume", "True", "-epochs", "2",
+                       "-labelled_fraction", "0.3"]) == 1
+    assert "-labelled_fraction 0.3 differs from the run being resumed (0.5)" in capsys.readouterr().err
+    assert entry.main(["-best_models_dir", str(run), "-resume", "True", "-epochs", "2", "-ema_decay", "0.9"]) == 0
+
+
+def test_a_dynunet_with_deep_supervision_learns_from_unlabelled_scans(task_dir, tmp_path):
+    assert run_main(task_dir, tmp_path / "run", "-architecture", "dynunet", "-channels", "4", "8",
+                    "-patch_size", "32", "32", "32", "-mean_teacher", "True", "-labelled_fraction", "0.5",
+                    "-consistency_rampup", "0", "-epochs", "1") == 0
+    assert float(learning_figures(tmp_path / "run")[0]["consistency_loss"]) > 0
 
 
 def test_unlabelled_scans_from_a_folder_are_read_and_preprocessed(task_dir, tmp_path, capsys):

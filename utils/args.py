@@ -426,8 +426,8 @@ def refuse_mode_combinations(config: Config, argv: Sequence[str] | None) -> None
         raise UserError(f"-{modes[0]} and -{modes[1]} are different kinds of run; give one of them. (To range-test "
                         f"or sweep from trained weights, pass -train_from_checkpoint.)")
     semi = ("unlabelled_dir", "consistency_weight", "consistency_rampup", "ema_decay")
-    for option in semi:
-        if option in typed and not config.mean_teacher:
+    for option in semi:          # (with -resume, the run's own -mean_teacher decides: checked there)
+        if option in typed and not config.mean_teacher and not config.resume:
             raise UserError(f"-{option} belongs to -mean_teacher True (learning from unlabelled scans); "
                             f"pass it, or leave -{option} out.")
     for option in ("trials", "sweep_storage"):

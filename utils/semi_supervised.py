@@ -5,9 +5,11 @@ The teacher is a copy of the network whose weights follow the student's (the tra
 an exponential moving average, EMA_DECAY per step. On each unlabelled batch, student and teacher
 see the same crops with different noise; the consistency loss is the mean squared difference of
 their softmax scores, added to the supervised loss with a weight that ramps up from 0 (while the
-teacher is still random) over the first share of the run (-unlabelled_rampup), as
+teacher is still random) over the first share of the run (-consistency_rampup), as
 exp(-5 (1 - t)^2). The teacher only teaches: validation, checkpoints' "model", -evaluate and
--predict use the student.
+-predict use the student. The unlabelled batches and the noise are drawn from a random stream of
+their own (kept in checkpoints), so the labelled batches are those of the same run without the
+method, and -consistency_weight 0 trains exactly as without it.
 """
 from __future__ import annotations
 
@@ -36,9 +38,8 @@ class MeanTeacher:
         return self.weight * math.exp(-5 * (1 - t) ** 2)
 
     @staticmethod
-    def noisy(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        return images + NOISE_STD * noise
+    def noisy(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return images + NOISE_STD * noise.to(images.device, images.dtype)
 
     def consistency(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """Mean squared difference of the softmax scores (computed in fp32)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -81,6 +81,8 @@ class Trainer:
         # teacher whose predictions on them the network learns to agree with.
         self.unlabelled_loader, self.mean_teacher = unlabelled_loader, mean_teacher
         self.steps = 0                                  # optimizer steps taken, for the teacher's average
+        self.unlabelled_rng = torch.Generator().manual_seed(config.random_seed + 3).get_state()
+        self.epoch_consistency = None                   # the last epoch's mean weighted consistency loss
 
         # Mixed precision. On CUDA: fp16 autocast, and a GradScaler that scales the loss up so
         # that small fp16 gradients don't underflow to zero. On CPU: bf16 autocast, which has
@@ -117,27 +119,40 @@ class Trainer:
         logits = outputs[:, 0] if outputs.ndim > labels.ndim else outputs
         return loss, logits
 
-    def consistency_pass(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """An unlabelled batch (its labels, if any, are not looked at) -> the mean teacher's
-        consistency loss, already weighted by the ramp-up: the student and the teacher each see
-        the crops with their own noise, and the student learns to give the teacher's scores."""
-        images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.config))
+    def unlabelled_batch(self, unlabelled: Iterator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next unlabelled crops and two draws of noise, from the mean teacher's own random
+        stream: the labelled batches stay those of the same run without it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.unlabelled_rng)
+            images = next(unlabelled)[0]                # their labels, if any, are not looked at
+            noises = torch.randn_like(images), torch.randn_like(images)
+            self.unlabelled_rng = torch.get_rng_state()
+        return images, *noises
+
+    def consistency_pass(self, images: torch.Tensor, student_noise: torch.Tensor, teacher_noise: torch.Tensor,
+                         progress: float) -> torch.Tensor:
+        """Unlabelled crops -> the mean teacher's consistency loss, weighted by the ramp-up at
+        `progress`: the student and the teacher see the crops with their own noise, and the
+        student learns to give the teacher's scores."""
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.config))
         with self.autocast():
-            student = self.model(self.mean_teacher.noisy(images))
+            student = self.model(self.mean_teacher.noisy(images, student_noise))
             with torch.no_grad():
-                teacher = self.mean_teacher.teacher(self.mean_teacher.noisy(images))
+                teacher = self.mean_teacher.teacher(self.mean_teacher.noisy(images, teacher_noise))
         if student.ndim == images.ndim + 1:             # deep supervision: the full-resolution output
             student = student[:, 0]
-        return self.mean_teacher.ramp(self.progress()) * self.mean_teacher.consistency(student, teacher)
+        return self.mean_teacher.ramp(progress) * self.mean_teacher.consistency(student, teacher)
 
     def backward_pass(self, loss: torch.Tensor) -> None:
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)                # skipped by the scaler if grads are inf/NaN
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.mean_teacher is not None:
-            self.mean_teacher.update(self.network, self.steps)
+        if scale is None or self.scaler.get_scale() >= scale:     # the step was taken
+            self.steps += 1
+            if self.mean_teacher is not None:
+                self.mean_teacher.update(self.network, self.steps)
 
     # ------------------------------------------------------------ one epoch
 
@@ -149,11 +164,11 @@ class Trainer:
         # Under DDP all processes must stop at the same step, so they agree first.
         return limit is not None and any_process(self.minutes_trained() > limit, self.place)
 
-    def progress(self) -> float:
-        """How far the run is, 0 to 1: over the epochs, or over -max_minutes when that budget
-        runs out first. (With a time budget it follows the clock, so such runs are not bit-for-bit
-        repeatable.)"""
-        progress = self.epoch / self.config.epochs
+    def progress(self, within_epoch: float = 0.0) -> float:
+        """How far the run is, 0 to 1: over the epochs (plus `within_epoch`, the share of the
+        current epoch done), or over -max_minutes when that budget runs out first. (With a time
+        budget it follows the clock, so such runs are not bit-for-bit repeatable.)"""
+        progress = (self.epoch + within_epoch) / self.config.epochs
         if self.config.max_minutes is not None:
             progress = max(progress, self.minutes_trained() / self.config.max_minutes)
         return min(progress, 1.0)
@@ -174,10 +189,14 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=self.epoch_name(self.epoch + 1), leave=False,
                    disable=not self.place.is_main)
         unlabelled = iter(self.unlabelled_loader) if self.mean_teacher is not None else None
+        consistency = torch.zeros((), device=self.device)
         for iteration, batch in enumerate(bar, start=1):
             loss, _ = self.forward_pass(batch)
             if unlabelled is not None:
-                loss = loss + self.consistency_pass(next(unlabelled))
+                term = self.consistency_pass(*self.unlabelled_batch(unlabelled),
+                                             self.progress((iteration - 1) / len(self.train_loader)))
+                consistency += term.detach()
+                loss = loss + term
             if not self.scaler.is_enabled():
                 self.check_finite(loss, iteration)
             self.backward_pass(loss)
@@ -192,6 +211,8 @@ class Trainer:
         if count.item() == 0:
             raise NonFiniteLossError(f"Every training loss of epoch {self.epoch + 1} was NaN or infinite. "
                                      f"Try a lower -lr, or -mixed_precision False.")
+        if unlabelled is not None:
+            self.epoch_consistency = (consistency / iteration).item()
         return (total / count).item()
 
     def check_finite(self, loss: torch.Tensor, iteration: int) -> None:
@@ -267,7 +288,9 @@ class Trainer:
         return {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(metrics["loss"], 6),
                 **{f"dice_{name}": round(d, 6) for name, d in zip(self.class_names, metrics["dice"].tolist())},
                 "dice_mean": round(metrics["dice"].mean().item(), 6),
-                "lr": self.optimizer.param_groups[0]["lr"], **peak_memory(self.device)}
+                "lr": self.optimizer.param_groups[0]["lr"], **peak_memory(self.device),
+                # -mean_teacher: the part of train_loss that is the weighted consistency term
+                **({} if self.mean_teacher is None else {"consistency_loss": round(self.epoch_consistency, 6)})}
 
     def epoch_name(self, number: int) -> str:
         """'epoch  12/100', or 'epoch  12' when the time budget, not -epochs, ends the run."""
@@ -296,7 +319,7 @@ class Trainer:
                     "sampler": sampler.state_dict(), "loader": self.train_loader.generator.get_state()},
             "steps": self.steps,
             **({} if self.mean_teacher is None else {
-                "mean_teacher": self.mean_teacher.state_dict(),
+                "mean_teacher": self.mean_teacher.state_dict(), "unlabelled_rng": self.unlabelled_rng,
                 "unlabelled": {"sampler": self.unlabelled_loader.sampler.state_dict(),
                                "loader": self.unlabelled_loader.generator.get_state()}}),
         }
@@ -321,6 +344,7 @@ class Trainer:
         self.steps = state.get("steps", 0)
         if self.mean_teacher is not None:
             self.mean_teacher.load_state_dict(state["mean_teacher"])
+            self.unlabelled_rng = state["unlabelled_rng"]
             self.unlabelled_loader.sampler.load_state_dict(state["unlabelled"]["sampler"])
             self.unlabelled_loader.generator.set_state(state["unlabelled"]["loader"])
         # Each process continues its own random stream when the processes and device are the same.
