@@ -169,7 +169,7 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
         if leaking:
             say(f"Warning: {len(leaking)} unlabelled scans have the names of validation cases ({', '.join(leaking[:3])}"
                 f"{', ...' if len(leaking) > 3 else ''}): if they are the same scans, validation is not blind.")
-        if resume_state is not None and resume_state.get("unlabelled") not in (None, pool.ids):
+        if resume_state is not None and resume_state.get("unlabelled_ids") not in (None, pool.ids):
             raise UserError("The unlabelled scans differ from those of the run being resumed. Resume with the "
                             "same -unlabelled_dir (and its files unchanged).")
         # As many unlabelled batches as labelled ones, from crops anywhere in the scans.
@@ -215,7 +215,7 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
     # Training
     weights = run_class_weights(config, info, train_cases, resume_state, say)
     run_info = {"split": split, "labelled": labelled,
-                "unlabelled": unlabelled_loader.dataset.cases.ids if unlabelled_loader is not None else None,
+                "unlabelled_ids": unlabelled_loader.dataset.cases.ids if unlabelled_loader is not None else None,
                 "preprocessing": preprocessing.to_dict(), "model_config": architecture,
                 "training_extent_mm": cases.extent_mm(),
                 "label_names": {str(k): v for k, v in info.label_names.items()},

@@ -72,8 +72,8 @@ def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_d
     assert "3 training cases keep their labels, 3 are used as unlabelled scans" in out
     state = load_checkpoint(whole / "last.pt")
     assert set(state["mean_teacher"]["teacher"]) == set(state["model"])
-    assert len(state["labelled"]) == 3 and len(state["unlabelled"]) == 3
-    assert not set(state["labelled"]) & set(state["unlabelled"])
+    assert len(state["labelled"]) == 3 and len(state["unlabelled_ids"]) == 3
+    assert not set(state["labelled"]) & set(state["unlabelled_ids"])
 
     interrupt_validation(monkeypatch, at_call=2)
     assert run_main(task_dir, parts, *options) == 130
@@ -111,9 +111,10 @@ def test_resume_refuses_other_unlabelled_options(task_dir, tmp_path, capsys):
 
 
 def test_a_dynunet_with_deep_supervision_learns_from_unlabelled_scans(task_dir, tmp_path):
-    assert run_main(task_dir, tmp_path / "run", "-architecture", "dynunet", "-channels", "4", "8",
-                    "-patch_size", "32", "32", "32", "-mean_teacher", "True", "-labelled_fraction", "0.5",
-                    "-consistency_rampup", "0", "-epochs", "1") == 0
+    assert entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(tmp_path / "run"), "-device", "cpu",
+                       "-batch_size", "2", "-Nit", "2", "-epochs", "1", "-architecture", "dynunet",
+                       "-channels", "4", "8", "-patch_size", "32", "32", "32", "-mean_teacher", "True",
+                       "-labelled_fraction", "0.5", "-consistency_rampup", "0"]) == 0
     assert float(learning_figures(tmp_path / "run")[0]["consistency_loss"]) > 0
 
 
