@@ -33,5 +33,17 @@ def test_notebook_runs_top_to_bottom(tmp_path, data):
     assert "Where it fails" in (tmp_path / "run" / "report.html").read_text()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "post-processed" in outputs and "dice_Anterior" in outputs and "suggested -lr" in outputs
+    # the three exercises' pictures
+    assert "fp16 turns" in outputs and "expected draws per case" in outputs
+    assert "only the last layer changed: True" in outputs
     assert "Every package of requirements.txt is installed." in outputs      # and nothing installed
     assert "device: cpu | precision: " in outputs and "batch size: 4" in outputs
+
+
+def test_the_documented_way_to_open_the_notebook_is_installed():
+    # README: after the second install command, `jupyter notebook main.ipynb`.
+    import shutil
+    import subprocess
+    assert shutil.which("jupyter"), "requirements-dev.txt installs the notebook server"
+    done = subprocess.run(["jupyter", "notebook", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().split(".")[0] >= "7"
