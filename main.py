@@ -31,6 +31,7 @@ from utils.distributed import Place, barrier, start, stop, unwrap, wrap
 from utils.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
 from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
+from utils.files import written_atomically
 from utils.layouts import TaskInfo, read_data, read_unlabelled
 from utils.lr_finder import SUGGESTION_RULE, range_test, write_range_test
 from utils.losses import choose_class_weights
@@ -306,9 +307,8 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, content: dict) -> None:
     """Written whole to a temporary file, then renamed over `path`: never half a file."""
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(content, indent=2))
-    temporary.replace(path)
+    with written_atomically(path) as file:
+        file.write(json.dumps(content, indent=2))
 
 
 def find_learning_rate(config: Config, argv: list[str] | None, place: Place) -> None:

@@ -1,10 +1,13 @@
-"""Checkpoint helpers: random-generator states restored across machines."""
+"""Checkpoint helpers: random-generator states restored across machines; files written whole."""
+import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from utils.checkpoint import rng_states, set_rng_states
+from utils.files import current_umask, written_atomically
 
 
 def test_random_states_round_trip():
@@ -34,3 +37,19 @@ def test_cuda_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_has(
     restored = fake_gpus(monkeypatch, 2)
     set_rng_states({**saved, "cuda": []})       # saved on a CPU, resumed on 2 GPUs
     assert restored == {}
+
+
+def test_a_file_written_atomically_is_whole_or_the_previous_one(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("previous")
+    with pytest.raises(RuntimeError):
+        with written_atomically(path) as file:
+            file.write("half of the new ")
+            assert path.read_text() == "previous"          # nothing is visible while writing
+            raise RuntimeError("killed half-way")
+    assert path.read_text() == "previous" and os.listdir(tmp_path) == ["metrics.csv"]
+    with written_atomically(path) as first, written_atomically(path) as second:   # two writers at once
+        first.write("first")
+        second.write("second")
+    assert path.read_text() == "first" and os.listdir(tmp_path) == ["metrics.csv"]   # the last rename wins
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()

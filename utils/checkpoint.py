@@ -5,9 +5,7 @@ config (every argument), split (case ids), preprocessing, model_config and rng s
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from utils.errors import CheckpointError
+from utils.files import written_atomically
 from utils.model import saved_model_config
 
 REQUIRED_KEYS = ("model", "model_config", "preprocessing")
@@ -29,30 +28,14 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):   # left by a process killed mid-save
         stale.unlink(missing_ok=True)
-    temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
+        with written_atomically(path, "wb") as file:
             torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())   # mkstemp makes it private (0600)
-        os.replace(temporary, path)
-    except BaseException as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            kept = f"The previous {path.name} is intact. " if path.exists() else ""
-            raise CheckpointError(f"Could not write {path} ({error.strerror or error}). {kept}Free some disk "
-                                  f"space or make {path.parent} writable, then continue with -resume True "
-                                  f"(or pick another -best_models_dir).") from None
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    except OSError as error:
+        kept = f"The previous {path.name} is intact. " if path.exists() else ""
+        raise CheckpointError(f"Could not write {path} ({error.strerror or error}). {kept}Free some disk "
+                              f"space or make {path.parent} writable, then continue with -resume True "
+                              f"(or pick another -best_models_dir).") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -15,7 +15,6 @@ import csv
 import html
 import io
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Sequence
 import torch
 from matplotlib.figure import Figure
 
+from utils.files import written_atomically
 from utils.plots import LABEL_COLOURS, VIEWS, plot_curves
 
 STYLE = """
@@ -149,9 +149,8 @@ def write_report(run_dir: str | Path, class_names: Sequence[str], failures: dict
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Run report: "
             f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = run_dir / "report.html"
-    temporary = path.with_suffix(".html.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)
+    with written_atomically(path, encoding="utf-8") as file:
+        file.write(page)
     return path
 
 
@@ -259,7 +258,6 @@ def write_sweep_report(sweep_dir: str | Path, rows: Sequence[dict], space: dict)
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Sweep report: "
             f"{html.escape(sweep_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = sweep_dir / "sweep.html"
-    temporary = sweep_dir / f".sweep.{os.getpid()}.html"
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)
+    with written_atomically(path, encoding="utf-8") as file:
+        file.write(page)
     return path

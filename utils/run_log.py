@@ -16,6 +16,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from utils.files import written_atomically
 from utils.plots import plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
@@ -66,12 +67,10 @@ class RunLog:
         # those of any row (a run resumed from before a column existed leaves it empty there).
         path = self.run_dir / "metrics.csv"
         columns = list(dict.fromkeys(key for row in history for key in row))
-        temporary = path.with_suffix(".csv.tmp")
-        with open(temporary, "w", newline="") as file:
+        with written_atomically(path, newline="") as file:
             writer = csv.DictWriter(file, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(history)
-        temporary.replace(path)
 
     def draw_curves(self, history: list[dict]) -> None:
         plot_curves(history, self.class_names, self.run_dir / "curves.png")

@@ -26,7 +26,6 @@ import gc
 import inspect
 import itertools
 import json
-import os
 import shlex
 import time
 import warnings
@@ -42,6 +41,7 @@ from optuna.trial import TrialState
 
 from utils.args import Config, parse_args, refuse_options_that_do_not_apply
 from utils.errors import UserError
+from utils.files import written_atomically
 from utils.memory import is_out_of_memory, peak_memory, reset_peak
 from utils.model import check_network_options
 from utils.plots import plot_sweep
@@ -55,10 +55,12 @@ STUDY_WAIT_SECONDS = 60           # how long a process waits for another to fini
 STORAGE_ATTEMPTS = 3              # tries to open a database that another process may be creating
 HEARTBEAT_SECONDS = 60            # a running trial's process writes a heartbeat this often (database storage)
 HEARTBEAT_GRACE_SECONDS = 300     # a trial silent this long is taken as dead, failed and run again once
-# The RDBStorage argument of the callback that queues a dead trial again (renamed in Optuna 4.9).
+# The callback that queues a dead trial again, and its RDBStorage argument (both renamed in Optuna
+# 4.9; the old class name warns since then and goes in 6.0).
 RETRY_ARGUMENT = ("heartbeat_stale_trial_callback"
                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                   else "failed_trial_callback")
+RETRY_CALLBACK = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 # Options that are the sweep's own or choose what a run is: they cannot be swept.
 NOT_SWEPT = {"sweep", "trials", "sweep_storage", "best_models_dir", "resume", "evaluate", "evaluate_split",
              "predict", "predictions_dir", "lr_find", "config"}
@@ -195,7 +197,7 @@ def make_storage(url: str | None, sweep_dir: Path):
                     return optuna.storages.RDBStorage(
                         url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
                         grace_period=HEARTBEAT_GRACE_SECONDS,
-                        **{RETRY_ARGUMENT: optuna.storages.RetryFailedTrialCallback(max_retry=1)})
+                        **{RETRY_ARGUMENT: RETRY_CALLBACK(max_retry=1)})
             except Exception:
                 # Processes started together race to create the tables of a new database file.
                 if attempt == STORAGE_ATTEMPTS - 1:
@@ -295,7 +297,7 @@ def covers_its_point(trial: optuna.trial.FrozenTrial, retried: set[int]) -> bool
 
 
 def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
-    """The trials that Optuna's RetryFailedTrialCallback queued again (dead ones)."""
+    """The trials that Optuna's retry callback queued again (dead ones)."""
     return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
 
 
@@ -480,15 +482,11 @@ def write_sweep_files(study: optuna.Study, space: dict, sweep_dir: Path) -> None
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    # Each process writes its own temporary files (several may finish a trial at once), then
-    # renames them into place: a reader never sees half a file.
-    temporary = sweep_dir / f".sweep.{os.getpid()}.csv"
-    with open(temporary, "w", newline="") as file:
+    # Several processes may finish a trial at once: each writes its own temporary files.
+    with written_atomically(sweep_dir / "sweep.csv", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    temporary.replace(sweep_dir / "sweep.csv")
-    picture = sweep_dir / f".sweep.{os.getpid()}.png"
-    plot_sweep(rows, space, picture)
-    picture.replace(sweep_dir / "sweep.png")
+    with written_atomically(sweep_dir / "sweep.png", "wb") as file:
+        plot_sweep(rows, space, file)
     write_sweep_report(sweep_dir, rows, space)
