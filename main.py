@@ -225,7 +225,8 @@ def prepare_training(config: Config, argv: list[str] | None, place: Place,
     loss = make_loss(config.loss, weights["class_weights"], training_outputs(architecture))
     mean_teacher = None
     if config.mean_teacher:
-        mean_teacher = MeanTeacher(unwrap(model), config.consistency_weight, config.consistency_rampup, config.ema_decay)
+        mean_teacher = MeanTeacher(unwrap(model), config.consistency_weight, config.consistency_rampup, config.ema_decay,
+                                   config.consistency_loss, config.pseudo_label_threshold)
     trainer = Trainer(model, loss, optimizer, loader, val_cases, config, run_dir, device,
                       info.foreground_names, run_info, place, after_epoch=after_epoch,
                       unlabelled_loader=unlabelled_loader, mean_teacher=mean_teacher)

@@ -135,7 +135,7 @@ BAD_VALUES = {
     "-device": "gpu", "-evaluate_split": "test", "-label_names": "background", "-foreground_crops": "1.5",
     "-architecture": "vnet", "-loss": "mse", "-class_weights": "heavy", "-sweep": "/no/such/space.json",
     "-trials": "0", "-labelled_fraction": "0", "-consistency_weight": "-1", "-consistency_rampup": "2",
-    "-ema_decay": "1",
+    "-ema_decay": "1", "-consistency_loss": "kl", "-pseudo_label_threshold": "1.5",
 }
 FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict", "-predictions_dir", "-cache_dir",
              "-sweep_storage", "-unlabelled_dir"}

@@ -38,7 +38,7 @@ def test_labelled_subset_keeps_a_seeded_share_and_gives_the_rest():
 
 
 def test_the_ramp_rises_from_near_zero_to_the_weight():
-    teacher = MeanTeacher(torch.nn.Linear(2, 2), weight=0.1, rampup=0.4, ema_decay=0.99)
+    teacher = MeanTeacher(torch.nn.Linear(2, 2), weight=0.1, rampup=0.4, ema_decay=0.99, loss="mse", threshold=0.9)
     assert teacher.ramp(0.0) == pytest.approx(0.1 * math.exp(-5))
     assert teacher.ramp(0.2) == pytest.approx(0.1 * math.exp(-5 * 0.25))
     assert teacher.ramp(0.4) == teacher.ramp(0.9) == 0.1
@@ -46,7 +46,7 @@ def test_the_ramp_rises_from_near_zero_to_the_weight():
 
 def test_the_teacher_is_an_exponential_average_of_the_student():
     student = torch.nn.Linear(2, 1)
-    mean = MeanTeacher(student, weight=1.0, rampup=0.0, ema_decay=0.9)
+    mean = MeanTeacher(student, weight=1.0, rampup=0.0, ema_decay=0.9, loss="mse", threshold=0.9)
     before = mean.teacher.weight.clone()
     with torch.no_grad():
         student.weight.add_(1.0)
@@ -58,10 +58,25 @@ def test_the_teacher_is_an_exponential_average_of_the_student():
 
 
 def test_consistency_is_zero_for_agreeing_scores_and_grows_with_disagreement():
-    mean = MeanTeacher(torch.nn.Linear(2, 2), 1.0, 0.0, 0.99)
+    mean = MeanTeacher(torch.nn.Linear(2, 2), 1.0, 0.0, 0.99, loss="mse", threshold=0.9)
     a = torch.randn(2, 3, 4, 4, 4)
     assert mean.consistency(a, a).item() == 0
     assert mean.consistency(a, a + torch.randn_like(a)).item() > 0
+
+
+def test_pseudo_labels_are_the_teachers_sure_labels():
+    mean = MeanTeacher(torch.nn.Linear(2, 2), 1.0, 0.0, 0.99, loss="pseudo_label", threshold=0.9)
+    teacher = torch.zeros(1, 3, 2, 1, 1)
+    teacher[0, 2, 0] = 10.0                        # voxel 0: class 2, sure (softmax 0.9999)
+    teacher[0, 1, 1] = 1.0                         # voxel 1: class 1, unsure (softmax 0.58)
+    student = torch.randn(1, 3, 2, 1, 1)
+    expected = -torch.log_softmax(student, 1)[0, 2, 0, 0, 0] / 2    # voxel 0 only, over both voxels
+    assert mean.consistency(student, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+    agreeing = torch.zeros(1, 3, 2, 1, 1)
+    agreeing[0, 2] = 100.0                         # the student is sure of the teacher's labels
+    assert mean.consistency(agreeing, teacher).item() == pytest.approx(0, abs=1e-6)
+    assert MeanTeacher(torch.nn.Linear(2, 2), 1.0, 0.0, 0.99, loss="pseudo_label",
+                       threshold=1.0).consistency(student, teacher).item() == 0    # nothing sure enough
 
 
 def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys):
@@ -108,6 +123,16 @@ def test_resume_refuses_other_unlabelled_options(task_dir, tmp_path, capsys):
                        "-labelled_fraction", "0.3"]) == 1
     assert "-labelled_fraction 0.3 differs from the run being resumed (0.5)" in capsys.readouterr().err
     assert entry.main(["-best_models_dir", str(run), "-resume", "True", "-epochs", "2", "-ema_decay", "0.9"]) == 0
+
+
+def test_pseudo_label_consistency_trains_and_its_threshold_needs_it(task_dir, tmp_path, capsys):
+    assert run_main(task_dir, tmp_path / "run", "-mean_teacher", "True", "-labelled_fraction", "0.5",
+                    "-consistency_loss", "pseudo_label", "-pseudo_label_threshold", "0.5",
+                    "-consistency_rampup", "0") == 0
+    assert all(float(row["consistency_loss"]) > 0 for row in learning_figures(tmp_path / "run"))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["consistency_loss"] == "pseudo_label"
+    assert run_main(task_dir, tmp_path / "other", "-mean_teacher", "True", "-pseudo_label_threshold", "0.5") == 1
+    assert "-pseudo_label_threshold applies to -consistency_loss pseudo_label only" in capsys.readouterr().err
 
 
 def test_a_dynunet_with_deep_supervision_learns_from_unlabelled_scans(task_dir, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from utils.errors import UserError
 from utils.losses import CLASS_WEIGHT_POWER, LOSSES
 from utils.model import ARCHITECTURES, DEFAULT_CHANNELS
+from utils.semi_supervised import CONSISTENCY_LOSSES
 
 EPOCHS_UNDER_A_TIME_LIMIT = 100_000
 TRUE_WORDS = {"true", "yes", "y", "1", "on"}
@@ -243,8 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     semi.add_argument("-labelled_fraction", type=labelled_share, default=1.0,
                       help="keep the labels of only this share of the training cases (a seeded choice) and "
                            "use the others as unlabelled scans: to measure what -mean_teacher gains")
+    semi.add_argument("-consistency_loss", type=str, default="mse", choices=list(CONSISTENCY_LOSSES),
+                      help="how the network learns to agree with the teacher on unlabelled crops: mse of "
+                           "the softmax scores, or pseudo_label: cross-entropy towards the teacher's labels "
+                           "where it is sure (-pseudo_label_threshold)")
     semi.add_argument("-consistency_weight", type=non_negative_float, default=0.1,
                       help="weight of the consistency loss once ramped up (Yu et al. 2019's 0.1)")
+    semi.add_argument("-pseudo_label_threshold", type=unit_interval, default=0.9,
+                      help="-consistency_loss pseudo_label: the voxels whose teacher softmax reaches this "
+                           "are learnt from; the others are left out")
     semi.add_argument("-consistency_rampup", type=unit_interval, default=0.4,
                       help="share of the run (epochs, or -max_minutes) over which the consistency weight "
                            "rises from 0 as exp(-5 (1 - t)^2)")
@@ -318,7 +326,9 @@ class Config:
     mean_teacher: bool
     unlabelled_dir: str | None
     labelled_fraction: float
+    consistency_loss: str
     consistency_weight: float
+    pseudo_label_threshold: float
     consistency_rampup: float
     ema_decay: float
     lr_find: bool
@@ -405,7 +415,8 @@ def config_from_dict(options: dict[str, Any]) -> Config:
 
 def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None) -> None:
     """Refuse options typed on `argv` that this run would ignore: a network's own option given for
-    another network, class weights for a loss without a weighted term."""
+    another network, class weights for a loss without a weighted term, a threshold for a
+    consistency loss without one."""
     typed = explicit_options(argv)
     for option, architecture in ONLY_FOR.items():
         if option in typed and config.architecture != architecture:
@@ -414,6 +425,9 @@ def refuse_options_that_do_not_apply(config: Config, argv: Sequence[str] | None)
     if config.loss == "dice" and config.class_weights is not None:
         raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
                         "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")
+    if "pseudo_label_threshold" in typed and config.consistency_loss != "pseudo_label":
+        raise UserError(f"-pseudo_label_threshold applies to -consistency_loss pseudo_label only; this run's is "
+                        f"{config.consistency_loss}. Leave it out, or pass -consistency_loss pseudo_label.")
 
 
 def refuse_mode_combinations(config: Config, argv: Sequence[str] | None) -> None:
@@ -425,7 +439,8 @@ def refuse_mode_combinations(config: Config, argv: Sequence[str] | None) -> None
     if len(modes) > 1 and ({"lr_find", "sweep"} & set(modes)):
         raise UserError(f"-{modes[0]} and -{modes[1]} are different kinds of run; give one of them. (To range-test "
                         f"or sweep from trained weights, pass -train_from_checkpoint.)")
-    semi = ("unlabelled_dir", "consistency_weight", "consistency_rampup", "ema_decay")
+    semi = ("unlabelled_dir", "consistency_loss", "consistency_weight", "pseudo_label_threshold",
+            "consistency_rampup", "ema_decay")
     for option in semi:          # (with -resume, the run's own -mean_teacher decides: checked there)
         if option in typed and not config.mean_teacher and not config.resume:
             raise UserError(f"-{option} belongs to -mean_teacher True (learning from unlabelled scans); "
