@@ -360,8 +360,9 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
     for postprocessed, result in ((False, evaluation), (True, evaluation["postprocessed"])):
         rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
         summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
-                          "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4)}
-                         for key, (mean, std) in result["summary"].items()]
+                          "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4),
+                          "cases": measured}
+                         for key, (mean, std, measured) in result["summary"].items()]
     stem = path.parent / f"evaluation_{config.evaluate_split}"
     for rows_, file in ((rows, f"{stem}.csv"), (summary_rows, f"{stem}_summary.csv")):
         with open(file, "w", newline="") as handle:
@@ -370,12 +371,14 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
             writer.writerows(rows_)
     print(f"{len(cases)} {config.evaluate_split} cases of {path} (mean ± std; distances in mm):")
     for row in summary_rows:
+        undefined = len(cases) - row["cases"]     # e.g. a distance to a class the prediction misses
         print(f"  {'post-processed' if row['postprocessed'] else 'raw':>14}  {row['metric']:>4} "
-              f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}")
+              f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}"
+              + (f"  (over {row['cases']} cases: undefined for {undefined})" if undefined else ""))
     print(f"Per-case results: {stem}.csv; summary: {stem}_summary.csv")
     report = write_report(path.parent, info.foreground_names,
                           failure_cases(evaluation, cases, config.evaluate_split),
-                          {"split": config.evaluate_split, "checkpoint": path,
+                          {"split": config.evaluate_split, "checkpoint": path, "cases": len(cases),
                            "summary": {False: evaluation["summary"], True: evaluation["postprocessed"]["summary"]}})
     print(f"Report: {report}")
     return path.parent

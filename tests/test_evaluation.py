@@ -73,10 +73,11 @@ def test_largest_component_removes_a_planted_island():
     assert measure(cleaned, truth, (1, 1, 1))["dice_Posterior"] == 1.0
 
 
-def test_summary_is_mean_and_std_ignoring_nan():
-    rows = [{"dice_A": 0.5}, {"dice_A": 1.0}, {"dice_A": float("nan")}]
-    mean, std = summarise(rows, ["dice_A"])["dice_A"]
-    assert mean == pytest.approx(0.75) and std == pytest.approx(0.25)
+def test_summary_is_mean_and_std_over_the_cases_where_it_is_defined():
+    rows = [{"dice_A": 0.5, "asd_A": 2.0}, {"dice_A": 1.0, "asd_A": float("inf")}, {"dice_A": float("nan"), "asd_A": 4.0}]
+    summary = summarise(rows, ["dice_A", "asd_A"])
+    assert summary["dice_A"] == pytest.approx((0.75, 0.25, 2))
+    assert summary["asd_A"] == pytest.approx((3.0, 1.0, 2))      # an empty prediction's inf left out, counted
 
 
 def test_label_map_is_the_class_of_highest_score():

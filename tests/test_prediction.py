@@ -117,6 +117,7 @@ def test_evaluate_writes_per_case_and_summary_csv(trained, tmp_path, capsys):
     summary = list(csv.DictReader(open(checkpoint.parent / "evaluation_val_summary.csv")))
     assert {(r["metric"], r["class"]) for r in summary} == {(m, c) for m in ("dice", "hd95", "asd")
                                                            for c in ("Anterior", "Posterior")}
+    assert all(0 <= int(r["cases"]) <= 2 for r in summary)     # the cases each mean is over
     # -evaluate and the training's own validation use the same code: the Dice agree.
     history = list(csv.DictReader(open(checkpoint.parent / "metrics.csv")))
     best = max(history, key=lambda r: float(r["dice_mean"]))

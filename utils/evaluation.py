@@ -144,14 +144,17 @@ class CaseMetrics:
 
 
 def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
-    """{key: (mean, std)} over cases, ignoring NaN (a class absent from both truth and prediction)."""
+    """{key: (mean, std, cases)} over the cases where the value is defined: Dice is NaN for a class
+    absent from both truth and prediction, and the distances NaN (hd95) or inf (asd) for a class
+    absent from either. `cases` counts the cases measured, so one empty prediction leaves the others'
+    mean intact and says so."""
     summary = {}
     for key in keys:
         values = torch.tensor([row[key] for row in rows], dtype=torch.float64)
-        values = values[~values.isnan()]
+        values = values[values.isfinite()]
         mean = values.mean().item() if len(values) else math.nan
         std = values.std(unbiased=False).item() if len(values) else math.nan
-        summary[key] = (mean, std)
+        summary[key] = (mean, std, len(values))
     return summary
 
 

@@ -127,7 +127,8 @@ def write_report(run_dir: str | Path, class_names: Sequence[str], failures: dict
     `failures`: an evaluation of best.pt on the validation cases, for "where it fails":
     {"rows": per-case rows with dice_<class> (as `evaluate` returns), "images", "truths",
     "predictions": per case on its own grid, same order}. `evaluation`: -evaluate's result
-    ({"split", "checkpoint", "summary": {False/True (post-processed): {metric_class: (mean, std)}}}).
+    ({"split", "checkpoint", "cases": how many, "summary": {False/True (post-processed):
+    {metric_class: (mean, std, cases measured)}}}).
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
@@ -176,6 +177,12 @@ def run_section(saved: dict, config: dict, history: list[dict]) -> str:
     return f"<h2>The run</h2><p>Command (to repeat it; a resumed run lists each session's):</p>{command}<table>{rows}</table>"
 
 
+def mean_and_std(mean: float, std: float, measured: int, cases: int) -> str:
+    """'0.8800 ± 0.0300', and how many cases it is over when a value is undefined for some (a
+    distance to a class that a prediction misses)."""
+    return f"{mean:.4f} ± {std:.4f}" + (f" (over {measured} of {cases})" if measured < cases else "")
+
+
 def result_section(history: list[dict], class_names: Sequence[str], evaluation: dict | None) -> str:
     out = ["<h2>Result</h2>"]
     if history:
@@ -194,7 +201,7 @@ def result_section(history: list[dict], class_names: Sequence[str], evaluation: 
             summary = evaluation["summary"][postprocessed]
             for name in class_names:
                 rows.append({"": "post-processed" if postprocessed else "raw", "class": name,
-                             **{metric: f"{summary[f'{key}_{name}'][0]:.4f} ± {summary[f'{key}_{name}'][1]:.4f}"
+                             **{metric: mean_and_std(*summary[f"{key}_{name}"], evaluation["cases"])
                                 for metric, key in (("Dice", "dice"), ("HD95", "hd95"), ("ASD", "asd"))}})
         out.append(table(rows))
     return "".join(out)
