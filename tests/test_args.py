@@ -118,6 +118,11 @@ def test_class_weights_are_none_auto_or_one_number_per_class(capsys):
 
 def test_explicit_options_are_only_the_typed_ones():
     assert explicit_options(["-epochs", "5", "-resume"]) == {"epochs": 5, "resume": True}
+    # Words mean the same typed on top of a resumed run as in a new one.
+    typed = explicit_options(["-label_names", "None", "-class_weights", "auto"])
+    assert typed == {"label_names": None, "class_weights": "auto"}
+    assert {name: getattr(parse_args(["-label_names", "None", "-class_weights", "auto"]), name)
+            for name in typed} == typed
 
 
 def test_a_time_limit_alone_lets_the_clock_end_the_run():

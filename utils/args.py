@@ -350,8 +350,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         namespace.channels = list(DEFAULT_CHANNELS[namespace.architecture])
     if len(namespace.channels) < 2:
         parser.error(f"-channels needs at least 2 levels, got {namespace.channels}")
-    if namespace.label_names is not None:
-        names = namespace.label_names
+    read_words(namespace, parser)
+    if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
+        namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
+    return Config(**vars(namespace))
+
+
+def read_words(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The options whose words mean more than their type says: -label_names None, -class_weights
+    none / auto. (For parse_args and explicit_options alike, so a typed option means the same in a
+    new run and on top of a resumed one.)"""
+    names = getattr(namespace, "label_names", None)
+    if names is not None:
         if [name.lower() for name in names] == ["none"]:
             namespace.label_names = None
         elif len(names) < 2:
@@ -359,14 +369,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                          f"class, got {names}")
         elif len(set(names)) < len(names):
             parser.error(f"-label_names names a class twice: {names}")
-    words = namespace.class_weights
+    words = getattr(namespace, "class_weights", None)
     if words is not None and any(isinstance(word, str) for word in words):
         if len(words) > 1:
             parser.error(f"argument -class_weights: give none, auto, or one number per class, not {words}")
         namespace.class_weights = None if words[0] == "none" else "auto"
-    if namespace.max_minutes is not None and "epochs" not in explicit_options(argv):
-        namespace.epochs = EPOCHS_UNDER_A_TIME_LIMIT      # the clock ends the run
-    return Config(**vars(namespace))
 
 
 def for_device(config: Config, device_type: str) -> Config:
@@ -395,7 +402,9 @@ def explicit_options(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    read_words(namespace, parser)
+    return vars(namespace)
 
 
 def config_from_dict(options: dict[str, Any]) -> Config:
