@@ -365,7 +365,7 @@ def evaluate_checkpoint(config: Config, argv: list[str] | None) -> Path:
                          for key, (mean, std, measured) in result["summary"].items()]
     stem = path.parent / f"evaluation_{config.evaluate_split}"
     for rows_, file in ((rows, f"{stem}.csv"), (summary_rows, f"{stem}_summary.csv")):
-        with open(file, "w", newline="") as handle:
+        with written_atomically(file, newline="") as handle:     # an earlier evaluation stays whole
             writer = csv.DictWriter(handle, fieldnames=list(rows_[0]))
             writer.writeheader()
             writer.writerows(rows_)

@@ -176,5 +176,5 @@ def plot_sweep(rows: Sequence[dict], space: dict, path: str | Path | None = None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if path is not None:
-        figure.savefig(path, dpi=80)
+        figure.savefig(path, dpi=80, format="png")      # `path` may be an open file (sweep.py)
     return figure

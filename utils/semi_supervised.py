@@ -12,8 +12,9 @@ see the same crops with different noise, and the student learns to agree with th
                 voxels (self-training with pseudo-labels, as in FixMatch; the teacher here is the
                 moving average).
 The term is added to the supervised loss with a weight that ramps up from 0 (while the teacher is
-still random) over the first share of the run (-consistency_rampup), as exp(-5 (1 - t)^2). The teacher only teaches: validation, checkpoints' "model", -evaluate and
--predict use the student. The unlabelled batches and the noise are drawn from a random stream of
+still random) over the first share of the run (-consistency_rampup), as exp(-5 (1 - t)^2).
+
+The teacher only teaches: validation, checkpoints' "model", -evaluate and -predict use the student. The unlabelled batches and the noise are drawn from a random stream of
 their own (kept in checkpoints), so the labelled batches are those of the same run without the
 method, and -consistency_weight 0 trains exactly as without it.
 """
