@@ -24,25 +24,25 @@ import torch
 
 from utils.args import (Config, explicit_options, for_device, parse_args, refuse_mode_combinations,
                         refuse_options_that_do_not_apply)
-from utils.checkpoint import check_same_model, load_checkpoint
-from utils.cache import Cases, load_cases
+from utils.training.checkpoint import check_same_model, load_checkpoint
+from utils.data.cache import Cases, load_cases
 from utils.data_class import labelled_subset, split_cases, train_loader
-from utils.distributed import Place, barrier, start, stop, unwrap, wrap
-from utils.environment import choose_device, seed_everything, versions
+from utils.training.distributed import Place, barrier, start, stop, unwrap, wrap
+from utils.training.environment import choose_device, seed_everything, versions
 from utils.errors import CheckpointError, UserError
-from utils.evaluation import amp_dtype, autocast_for, evaluate, precision_name
+from utils.inference.evaluation import amp_dtype, autocast_for, evaluate, precision_name
 from utils.files import written_atomically
-from utils.layouts import TaskInfo, read_data, read_unlabelled
-from utils.lr_finder import SUGGESTION_RULE, range_test, write_range_test
-from utils.losses import choose_class_weights
-from utils.memory import describe_peak, peak_memory, reset_peak
-from utils.model import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
+from utils.data.layouts import TaskInfo, read_data, read_unlabelled
+from utils.experiments.lr_finder import SUGGESTION_RULE, range_test, write_range_test
+from utils.training.losses import choose_class_weights
+from utils.training.memory import describe_peak, peak_memory, reset_peak
+from utils.training.networks import (build_model, check_network_options, count_parameters, describe, downsampling_factor,
                          freeze_all_but_last_layer, input_multiples, model_config, training_outputs)
-from utils.prediction import predict_files
-from utils.report import failure_cases, write_report
-from utils.semi_supervised import MeanTeacher
-from utils.sweep import run_sweep
-from utils.preprocessing import Preprocessing
+from utils.inference.prediction import predict_files
+from utils.outputs.report import failure_cases, write_report
+from utils.training.semi_supervised import MeanTeacher
+from utils.experiments.sweep import run_sweep
+from utils.data.preprocessing import Preprocessing
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 # The options that decide the network: a DynUNet is planned from the patch size, UNETR takes it as input.

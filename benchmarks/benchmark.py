@@ -43,8 +43,8 @@ import torchio as tio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.environment import choose_device  # noqa: E402  (after the path above)
-from utils.evaluation import amp_dtype  # noqa: E402
+from utils.training.environment import choose_device  # noqa: E402  (after the path above)
+from utils.inference.evaluation import amp_dtype  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -78,8 +78,8 @@ def tutorial_pipeline(config) -> Tutorial:
     from monai.losses import DiceLoss
 
     from utils.data_class import split_cases
-    from utils.layouts import case_id, read_task
-    from utils.model import build_model, model_config
+    from utils.data.layouts import case_id, read_task
+    from utils.training.networks import build_model, model_config
 
     info = read_task(config.data_dir)
     subjects = [tio.Subject(image=tio.ScalarImage(image), label=tio.LabelMap(label), id=case_id(image))
@@ -114,11 +114,11 @@ def reference(config, iterations: int, warmup: int) -> float:
 
 def project_trainer(config, Nit: int):
     """This project's Trainer, wired exactly as main.py wires it."""
-    from utils.cache import load_cases
+    from utils.data.cache import load_cases
     from utils.data_class import split_cases, train_loader
-    from utils.layouts import read_task
-    from utils.environment import seed_everything
-    from utils.model import build_model, downsampling_factor, model_config
+    from utils.data.layouts import read_task
+    from utils.training.environment import seed_everything
+    from utils.training.networks import build_model, downsampling_factor, model_config
     from utils.trainer_class import Trainer, make_loss, make_optimizer, memory_format
 
     seed_everything(config.random_seed)

@@ -32,13 +32,13 @@ import torchio as tio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.checkpoint import load_checkpoint  # noqa: E402  (after the path above)
-from utils.evaluation import CaseMetrics, autocast_for, precision_name, summarise  # noqa: E402
-from utils.layouts import case_id, read_task  # noqa: E402
-from utils.model import build_model, downsampling_factor  # noqa: E402
-from utils.prediction import predict_volume  # noqa: E402
-from utils.preprocessing import Preprocessing  # noqa: E402
-from utils.scans import read_scan  # noqa: E402
+from utils.training.checkpoint import load_checkpoint  # noqa: E402  (after the path above)
+from utils.inference.evaluation import CaseMetrics, autocast_for, precision_name, summarise  # noqa: E402
+from utils.data.layouts import case_id, read_task  # noqa: E402
+from utils.training.networks import build_model, downsampling_factor  # noqa: E402
+from utils.inference.prediction import predict_volume  # noqa: E402
+from utils.data.preprocessing import Preprocessing  # noqa: E402
+from utils.data.scans import read_scan  # noqa: E402
 
 SPACINGS = {"native 1 mm": None, "1.5 x 1.5 x 1.5 mm": (1.5, 1.5, 1.5), "1 x 1 x 2.5 mm": (1.0, 1.0, 2.5)}
 TRAINING_SPACING = (1.0, 1.0, 1.0)       # Task04's, the spacing the checkpoint was trained on

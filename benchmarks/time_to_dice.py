@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import project_trainer, settings, tutorial_pipeline  # noqa: E402  (after the path)
-from utils.cache import Cases  # noqa: E402
-from utils.environment import seed_everything  # noqa: E402
-from utils.evaluation import Autocast, amp_dtype, autocast_for, evaluate  # noqa: E402
+from utils.data.cache import Cases  # noqa: E402
+from utils.training.environment import seed_everything  # noqa: E402
+from utils.inference.evaluation import Autocast, amp_dtype, autocast_for, evaluate  # noqa: E402
 
 PIPELINES = {"a": "TorchIO tutorial pipeline (whole volumes, Dice loss, AdamW 1e-2, fp32, 2 workers)",
              "b": "this project's Trainer, defaults (crops, Dice+CE, SGD with poly decay over the budget)"}

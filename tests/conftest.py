@@ -101,7 +101,7 @@ def fp16_on_cpu(monkeypatch):
     """Mixed precision as on a GPU (fp16 autocast with an enabled GradScaler), emulated on the CPU,
     which torch supports, so the fp16 path is tested on machines without a GPU."""
     fp16 = lambda device: torch.float16
-    monkeypatch.setattr("utils.evaluation.amp_dtype", fp16)
+    monkeypatch.setattr("utils.inference.evaluation.amp_dtype", fp16)
     monkeypatch.setattr("utils.trainer_class.amp_dtype", fp16)
     monkeypatch.setattr("main.amp_dtype", fp16)
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import main as entry  # noqa: E402
-from utils import checkpoint, trainer_class  # noqa: E402
+from utils import trainer_class  # noqa: E402
+from utils.training import checkpoint  # noqa: E402
 
 kind, target, options = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 count = 0

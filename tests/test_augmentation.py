@@ -2,7 +2,7 @@
 
 import torch
 
-from utils.augmentation import BatchAugmentation
+from utils.data.augmentation import BatchAugmentation
 
 
 def quiet(**changes) -> BatchAugmentation:

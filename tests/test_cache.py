@@ -1,4 +1,4 @@
-"""The on-disk cache of preprocessed cases (utils/cache.py): reused, rebuilt when a file or option
+"""The on-disk cache of preprocessed cases (utils/data/cache.py): reused, rebuilt when a file or option
 changes, never read half-written, and mapped so that RAM stays bounded; foreground-centred crops."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils.cache as cache_module
+import utils.data.cache as cache_module
 from conftest import ROOT, synthetic_case, write_task
-from utils.cache import Cases, load_cases
+from utils.data.cache import Cases, load_cases
 from utils.data_class import PatchDataset, train_loader
-from utils.layouts import read_data, read_task
-from utils.sampling import patch_window
+from utils.data.layouts import read_data, read_task
+from utils.data.sampling import patch_window
 
 
 def complete_caches(root):
@@ -61,8 +61,8 @@ BUILD_AND_DIE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import numpy as np
-import utils.cache as cache
-from utils.layouts import read_data, read_task
+import utils.data.cache as cache
+from utils.data.layouts import read_data, read_task
 real_save, count = np.save, [0]
 def save_then_die(path, array):
     real_save(path, array)
@@ -98,9 +98,9 @@ EPOCH_OVER_THE_CACHE = """
 import sys
 sys.path.insert(0, {root!r})
 import torch
-from utils.cache import load_cases
+from utils.data.cache import load_cases
 from utils.data_class import train_loader
-from utils.layouts import read_data
+from utils.data.layouts import read_data
 def anon_rss_mb():
     return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:"))
 cases, _ = load_cases(read_data({task!r}, "", None), 4, progress=False, cache_dir={cache!r})

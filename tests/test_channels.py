@@ -11,12 +11,12 @@ import torchio as tio
 
 import main as entry
 from conftest import TINY, two_channel_case, write_two_channel_task
-from utils.augmentation import BatchAugmentation
-from utils.checkpoint import load_checkpoint
-from utils.cache import load_cases
-from utils.preprocessing import ChannelZNormalization
-from utils.layouts import read_task
-from utils.plots import mid_slices, plot_augmentations, plot_predictions, write_progress_gif
+from utils.data.augmentation import BatchAugmentation
+from utils.training.checkpoint import load_checkpoint
+from utils.data.cache import load_cases
+from utils.data.preprocessing import ChannelZNormalization
+from utils.data.layouts import read_task
+from utils.outputs.plots import mid_slices, plot_augmentations, plot_predictions, write_progress_gif
 
 # The diagonal flips two axes, so prediction must reorient back to the file's own axis order.
 ODD_AFFINE = np.array([[-1.2, 0, 0, 10], [0, 0.9, 0, -5], [0, 0, -1.1, 3], [0, 0, 0, 1]])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import rng_states, set_rng_states
+from utils.training.checkpoint import rng_states, set_rng_states
 from utils.files import current_umask, written_atomically
 
 

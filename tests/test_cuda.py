@@ -10,7 +10,7 @@ import torch
 
 import main as entry
 from conftest import TINY, interrupt_validation, synthetic_case
-from utils.checkpoint import load_checkpoint
+from utils.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ON_GPU = [*TINY, "-device", "cuda", "-mixed_precision", "True"]      # the last -device wins

@@ -7,10 +7,10 @@ import torch
 import torchio as tio
 
 from conftest import write_task
-from utils.cache import load_cases
+from utils.data.cache import load_cases
 from utils.data_class import split_cases, train_loader
-from utils.preprocessing import load_pair, prediction_window, shape_for
-from utils.layouts import read_task
+from utils.data.preprocessing import load_pair, prediction_window, shape_for
+from utils.data.layouts import read_task
 from utils.errors import DataError
 
 

@@ -11,13 +11,13 @@ import torch
 
 import main as entry
 from conftest import ROOT, TINY, learning_figures, write_task
-from utils.checkpoint import load_checkpoint
-from utils.cache import load_cases
-from utils.layouts import read_task
-from utils import sampling
-from utils.sampling import EvenSampler
-from utils.evaluation import autocast_for, evaluate
-from utils.model import build_model, last_layer
+from utils.training.checkpoint import load_checkpoint
+from utils.data.cache import load_cases
+from utils.data.layouts import read_task
+from utils.data import sampling
+from utils.data.sampling import EvenSampler
+from utils.inference.evaluation import autocast_for, evaluate
+from utils.training.networks import build_model, last_layer
 
 
 @pytest.mark.parametrize("n, batch, Nit", [(20, 3, 4), (20, 4, 5), (9, 2, 7), (7, 4, 3)])

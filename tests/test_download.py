@@ -13,10 +13,10 @@ import pytest
 
 import main as entry
 from conftest import TINY, write_task
-from utils import download
-from utils.download import locate_task, safe_extract
+from utils.data import download
+from utils.data.download import locate_task, safe_extract
 from utils.errors import DataError
-from utils.layouts import read_task
+from utils.data.layouts import read_task
 
 TASK = "Task04_Hippocampus"
 

@@ -11,14 +11,14 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
 import main as entry
-import utils.evaluation
+import utils.inference.evaluation
 from conftest import TINY, write_task
-from utils.checkpoint import load_checkpoint
-from utils.cache import load_cases
-from utils.evaluation import CaseMetrics, autocast_for, evaluate, keep_largest_component, predict_logits, summarise
-from utils.layouts import read_task
-from utils.preprocessing import Preprocessing, label_map
-from utils.model import build_model, downsampling_factor
+from utils.training.checkpoint import load_checkpoint
+from utils.data.cache import load_cases
+from utils.inference.evaluation import CaseMetrics, autocast_for, evaluate, keep_largest_component, predict_logits, summarise
+from utils.data.layouts import read_task
+from utils.data.preprocessing import Preprocessing, label_map
+from utils.training.networks import build_model, downsampling_factor
 
 NAMES = ["Anterior", "Posterior"]
 
@@ -107,7 +107,7 @@ def test_mirrored_prediction_is_left_right_equivariant(shape):
 
 @pytest.mark.parametrize("shape, slides", [((8, 8, 6), False), ((12, 8, 6), False), ((14, 8, 6), True)])
 def test_sliding_windows_only_beyond_twice_the_patch(shape, slides, monkeypatch):
-    import utils.evaluation as evaluation
+    import utils.inference.evaluation as evaluation
     calls, real = [], evaluation.sliding_window_inference
     monkeypatch.setattr(evaluation, "sliding_window_inference", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     scores = predict_logits(torch.nn.Conv3d(1, 3, 3, padding=1), torch.randn(1, 1, *shape), torch.device("cpu"),
@@ -183,7 +183,7 @@ def test_evaluate_predicts_each_case_once_and_scores_it_raw_and_postprocessed(tm
     val_ids = state["split"]["val"]
 
     calls, forwards = [], []
-    real_predict_logits = utils.evaluation.predict_logits
+    real_predict_logits = utils.inference.evaluation.predict_logits
 
     def counted_with_an_island(model, image, *args, **kwargs):
         """predict_logits, counting its calls and the network's forward passes, with a one-voxel
@@ -199,7 +199,7 @@ def test_evaluate_predicts_each_case_once_and_scores_it_raw_and_postprocessed(tm
         scores[0, 2, 2, 2, 2] = 20.0
         return scores
 
-    monkeypatch.setattr("utils.evaluation.predict_logits", counted_with_an_island)
+    monkeypatch.setattr("utils.inference.evaluation.predict_logits", counted_with_an_island)
     assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(run / "best.pt"),
                        "-data_dir", str(task), "-device", "cpu"]) == 0
     assert len(calls) == len(val_ids) and len(forwards) == len(val_ids)    # one inference per case

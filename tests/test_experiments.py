@@ -14,8 +14,8 @@ import torch
 
 import main as entry
 from conftest import ROOT, TINY, interrupt_validation
-from utils import sweep
-from utils.checkpoint import load_checkpoint
+from utils.experiments import sweep
+from utils.training.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.trainer_class import Trainer
 
@@ -90,7 +90,7 @@ def test_lr_find_writes_its_curve_and_suggestion_and_leaves_the_checkpoint_alone
 
 
 def test_lr_find_returns_the_model_to_its_weights(task_dir, tmp_path, monkeypatch):
-    from utils import lr_finder
+    from utils.experiments import lr_finder
     seen = {}
     original = lr_finder.range_test
 

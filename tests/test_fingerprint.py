@@ -1,4 +1,4 @@
-"""The data set's fingerprint (utils/fingerprint.py): spacings, shapes, foreground intensities and
+"""The data set's fingerprint (utils/data/fingerprint.py): spacings, shapes, foreground intensities and
 nnU-Net's target spacing, computed as load_cases reads the data and saved with the run."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 
 import main as entry
 from conftest import TINY, write_task
-from utils.checkpoint import load_checkpoint
-from utils.cache import load_cases
-from utils.fingerprint import target_spacing
-from utils.layouts import read_task
+from utils.training.checkpoint import load_checkpoint
+from utils.data.cache import load_cases
+from utils.data.fingerprint import target_spacing
+from utils.data.layouts import read_task
 
 IN_PLANE = [0.8, 0.8]
 

@@ -9,10 +9,10 @@ import pytest
 
 import main as entry
 from conftest import TINY
-from utils.cache import load_cases
+from utils.data.cache import load_cases
 from utils.data_class import split_cases
 from utils.errors import DataError
-from utils.layouts import read_data
+from utils.data.layouts import read_data
 
 TASK = "Task04_Hippocampus"
 DEFAULT_NAMES = {0: "background", 1: "class_1", 2: "class_2"}

@@ -10,8 +10,8 @@ import torch
 
 import main as entry
 from conftest import ROOT, TINY, interrupt_validation, learning_figures
-from utils.checkpoint import load_checkpoint
-from utils.model import build_model, last_layer
+from utils.training.checkpoint import load_checkpoint
+from utils.training.networks import build_model, last_layer
 from utils.trainer_class import Trainer
 
 
@@ -141,7 +141,7 @@ def test_command_line_in_a_subprocess(task_dir, tmp_path):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_mixed_precision_on_a_cpu_without_native_bf16_says_it_trains_in_fp32(task_dir, tmp_path, monkeypatch,
                                                                             capsys, native_bf16):
-    monkeypatch.setattr("utils.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
+    monkeypatch.setattr("utils.inference.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
     assert run_main(task_dir, tmp_path / "run", "-epochs", "1", "-mixed_precision", "True") == 0
     said = "no native bf16" in capsys.readouterr().out
     assert said != native_bf16

@@ -9,8 +9,8 @@ import torch
 
 import main as entry
 from conftest import TINY, synthetic_case, write_task
-from utils.checkpoint import load_checkpoint
-from utils.evaluation import CaseMetrics
+from utils.training.checkpoint import load_checkpoint
+from utils.inference.evaluation import CaseMetrics
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_predict_segments_a_validation_case_exactly_as_validation_does(trained, 
 
 
 def test_read_volume_gives_channels_first_data_and_the_files_affine(tmp_path):
-    from utils.prediction import read_volume
+    from utils.inference.prediction import read_volume
     data = np.random.default_rng(0).integers(0, 255, (11, 17, 9)).astype(np.uint8)
     nib.save(nib.Nifti1Image(data, ODD_AFFINE), tmp_path / "plain.nii.gz")
     nib.save(nib.Nifti1Image(data[..., None], ODD_AFFINE), tmp_path / "one_channel.nii.gz")
@@ -177,7 +177,7 @@ def test_read_volume_gives_channels_first_data_and_the_files_affine(tmp_path):
 def test_a_scan_far_larger_than_the_training_volumes_is_predicted_with_a_warning(trained, tmp_path, capsys):
     """A whole head given to a model trained on crops: the file is named, with its extent and the
     training's, and what to do; it is still predicted."""
-    from utils.prediction import FIELD_OF_VIEW_FACTOR
+    from utils.inference.prediction import FIELD_OF_VIEW_FACTOR
     _, checkpoint = trained
     state = torch.load(checkpoint, weights_only=True)
     target, extent = state["preprocessing"]["target_shape"], state["training_extent_mm"]   # extent <= target
@@ -204,8 +204,8 @@ def test_a_scan_far_larger_than_the_training_volumes_is_predicted_with_a_warning
 
 
 def test_the_extent_follows_the_canonical_axes_of_the_training_shape(tmp_path):
-    from utils.preprocessing import Preprocessing
-    from utils.prediction import extent_mm, field_of_view_warning, read_volume
+    from utils.data.preprocessing import Preprocessing
+    from utils.inference.prediction import extent_mm, field_of_view_warning, read_volume
     scan(tmp_path / "odd.nii.gz", affine=ODD_AFFINE)           # voxel axes (11, 17, 9) run along y, x, z
     image = read_volume(tmp_path / "odd.nii.gz", in_channels=1)
     assert extent_mm(image) == pytest.approx((17 * 1.2, 11 * 0.9, 9 * 1.5))

@@ -16,8 +16,8 @@ import torch
 
 import main as entry
 from conftest import ROOT, TINY, learning_figures, write_task
-from utils import checkpoint as checkpoint_module
-from utils.checkpoint import load_checkpoint
+from utils.training import checkpoint as checkpoint_module
+from utils.training.checkpoint import load_checkpoint
 from utils.errors import CheckpointError
 
 EPOCHS = ["-epochs", "3"]

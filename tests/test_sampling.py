@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from utils.sampling import EvenSampler, spread_repeats
+from utils.data.sampling import EvenSampler, spread_repeats
 
 
 def epoch_counts(sampler: EvenSampler, epochs: int) -> list[Counter]:

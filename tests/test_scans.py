@@ -11,7 +11,7 @@ import torchio as tio
 
 import main as entry
 from conftest import TINY, synthetic_case, write_task
-from utils.scans import ScanError, read_scan
+from utils.data.scans import ScanError, read_scan
 
 SHAPE = (11, 17, 9)
 ODD_AFFINE = np.array([[0, -1.2, 0, 30.5], [0.9, 0, 0, -12.0], [0, 0, 1.5, 7.25], [0, 0, 0, 1]])

@@ -1,4 +1,4 @@
-"""Unlabelled scans and the mean teacher (utils/semi_supervised.py): the unlabelled loader, the
+"""Unlabelled scans and the mean teacher (utils/training/semi_supervised.py): the unlabelled loader, the
 consistency loss and the teacher's average, exact resume with it on, and bad unlabelled files named."""
 import math
 
@@ -9,10 +9,10 @@ import torch
 
 import main as entry
 from conftest import TINY, interrupt_validation, learning_figures, write_task
-from utils.checkpoint import load_checkpoint
+from utils.training.checkpoint import load_checkpoint
 from utils.data_class import labelled_subset
-from utils.layouts import read_task, read_unlabelled
-from utils.semi_supervised import MeanTeacher
+from utils.data.layouts import read_task, read_unlabelled
+from utils.training.semi_supervised import MeanTeacher
 
 
 def run_main(task_dir, run_dir, *extra) -> int:

@@ -1,5 +1,5 @@
 """Scans of other voxel spacings: resampled to the data set's target spacing for training, and
-predictions and metrics back on each scan's own grid, in mm (utils/preprocessing.py)."""
+predictions and metrics back on each scan's own grid, in mm (utils/data/preprocessing.py)."""
 from __future__ import annotations
 
 import csv
@@ -14,11 +14,11 @@ from monai.networks.utils import one_hot
 
 import main as entry
 from conftest import TINY, synthetic_case, write_task
-from utils.cache import load_cases
-from utils.checkpoint import load_checkpoint
-from utils.evaluation import CaseMetrics
-from utils.layouts import read_task
-from utils.preprocessing import Preprocessing, ResampleTo, crop_or_pad_bounds, resampled_shape, uncrop_transform
+from utils.data.cache import load_cases
+from utils.training.checkpoint import load_checkpoint
+from utils.inference.evaluation import CaseMetrics
+from utils.data.layouts import read_task
+from utils.data.preprocessing import Preprocessing, ResampleTo, crop_or_pad_bounds, resampled_shape, uncrop_transform
 
 THICK = np.diag([0.8, 0.8, 2.0, 1.0])         # 0.8 mm in plane, 2 mm slices: the median, so the target
 

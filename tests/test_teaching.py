@@ -1,10 +1,10 @@
-"""The three exercises' pictures (utils/teaching.py): the numbers behind them, asserted."""
+"""The three exercises' pictures (utils/experiments/teaching.py): the numbers behind them, asserted."""
 import numpy as np
 import torch
 
-from utils.losses import segmentation_loss
-from utils.model import build_model, freeze_all_but_last_layer, last_layer, model_config
-from utils.teaching import (changed_by_one_step, draw_counts, fp16_underflow, layer_table, plot_draw_counts,
+from utils.training.losses import segmentation_loss
+from utils.training.networks import build_model, freeze_all_but_last_layer, last_layer, model_config
+from utils.experiments.teaching import (changed_by_one_step, draw_counts, fp16_underflow, layer_table, plot_draw_counts,
                             plot_layers, plot_underflow)
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, config_from_dict
-from utils.checkpoint import load_checkpoint
-from utils.cache import load_cases
+from utils.training.checkpoint import load_checkpoint
+from utils.data.cache import load_cases
 from utils.data_class import split_cases, train_loader
-from utils.layouts import read_task
-from utils.losses import segmentation_loss
-from utils.model import build_model, downsampling_factor, model_config, training_outputs
+from utils.data.layouts import read_task
+from utils.training.losses import segmentation_loss
+from utils.training.networks import build_model, downsampling_factor, model_config, training_outputs
 from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
 
 
@@ -61,7 +61,7 @@ def test_deep_supervision_loss_takes_every_output_and_forward_pass_returns_the_f
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_cpu_mixed_precision_is_bf16_without_a_scaler_where_the_cpu_has_it(task_dir, tmp_path, monkeypatch,
                                                                           native_bf16, expected):
-    monkeypatch.setattr("utils.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
+    monkeypatch.setattr("utils.inference.evaluation.cpu_has_fast_bf16", lambda: native_bf16)
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True)
     _, logits = trainer.forward_pass(next(iter(trainer.train_loader)))
     assert logits.dtype == expected
@@ -132,7 +132,7 @@ def test_the_loss_is_read_back_every_step_only_without_a_scaler(task_dir, tmp_pa
     """Reading a loss (item()) waits for the GPU; with fp16 the scaler makes it unnecessary. (The
     scaler's own step reads its overflow flag; only the Trainer's reads are counted.)"""
     if fp16:
-        monkeypatch.setattr("utils.evaluation.amp_dtype", lambda device: torch.float16)
+        monkeypatch.setattr("utils.inference.evaluation.amp_dtype", lambda device: torch.float16)
         monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: torch.float16)
     trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=6)
     reads = []
@@ -214,11 +214,11 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
 
 def test_curves_are_redrawn_at_most_every_interval_and_after_the_last_epoch(task_dir, tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr("utils.run_log.plot_curves", lambda history, names, path: drawn.append(len(history)))
+    monkeypatch.setattr("utils.training.run_log.plot_curves", lambda history, names, path: drawn.append(len(history)))
     make_trainer(task_dir, tmp_path / "run", epochs=4).training_loop()
     assert drawn == [1, 4]          # quick epochs: the first, then the whole run at the end
     drawn.clear()
-    monkeypatch.setattr("utils.run_log.CURVES_EVERY_SECONDS", 0)
+    monkeypatch.setattr("utils.training.run_log.CURVES_EVERY_SECONDS", 0)
     make_trainer(task_dir, tmp_path / "run2", epochs=3).training_loop()
     assert drawn == [1, 2, 3, 3]
 

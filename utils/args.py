@@ -13,9 +13,9 @@ import os
 from typing import Any, Sequence
 
 from utils.errors import UserError
-from utils.losses import CLASS_WEIGHT_POWER, LOSSES
-from utils.model import ARCHITECTURES, DEFAULT_CHANNELS
-from utils.semi_supervised import CONSISTENCY_LOSSES
+from utils.training.losses import CLASS_WEIGHT_POWER, LOSSES
+from utils.training.networks import ARCHITECTURES, DEFAULT_CHANNELS
+from utils.training.semi_supervised import CONSISTENCY_LOSSES
 
 EPOCHS_UNDER_A_TIME_LIMIT = 100_000
 TRUE_WORDS = {"true", "yes", "y", "1", "on"}
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     semi = p.add_argument_group("unlabelled scans (semi-supervised)")
     semi.add_argument("-mean_teacher", default=False,
                       help="also learn from unlabelled scans: the network is trained to agree with a "
-                           "teacher (its exponential moving average) on them (utils/semi_supervised.py)", **flag)
+                           "teacher (its exponential moving average) on them (utils/training/semi_supervised.py)", **flag)
     semi.add_argument("-unlabelled_dir", type=optional(str), default=None,
                       help="a folder of unlabelled NIfTI scans, or auto for the task's imagesTs/; read, "
                            "checked and preprocessed like the labelled ones. With -mean_teacher and no "

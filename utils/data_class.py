@@ -1,8 +1,8 @@
 """Split the preprocessed cases and load them in batches.
 
 One batch, from disk to the loader:
-  a TaskInfo (utils/layouts.py: from dataset.json, a CSV list or a plain folder) -> read, check
-  and preprocess each case once into the on-disk cache (utils/preprocessing.py, utils/cache.py)
+  a TaskInfo (utils/data/layouts.py: from dataset.json, a CSV list or a plain folder) -> read, check
+  and preprocess each case once into the on-disk cache (utils/data/preprocessing.py, utils/data/cache.py)
   -> seeded split (or the CSV list's own) -> EvenSampler (Nit iterations per epoch) -> a crop of
   each sampled case, read from its memory map (a share centred on foreground) -> augmented batches.
 """
@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.augmentation import BatchAugmentation
-from utils.cache import Cases
+from utils.data.augmentation import BatchAugmentation
+from utils.data.cache import Cases
 from utils.errors import DataError
-from utils.sampling import EvenSampler, patch_window
+from utils.data.sampling import EvenSampler, patch_window
 
 
 # ---------------------------------------------------------------- split

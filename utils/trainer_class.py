@@ -1,7 +1,7 @@
 """The Trainer: forward_pass -> backward_pass, epoch after epoch, with validation and checkpoints.
 
 It knows nothing about files beyond its run folder (`run_dir`), where it writes best.pt and
-last.pt; what is printed and drawn (metrics.csv, pictures, TensorBoard) is utils/run_log.py's.
+last.pt; what is printed and drawn (metrics.csv, pictures, TensorBoard) is utils/training/run_log.py's.
 """
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, Config
-from utils.checkpoint import rng_states, save_checkpoint, set_rng_states
-from utils.cache import Cases
-from utils.distributed import Place, any_process, gather, unwrap
-from utils.evaluation import amp_dtype, autocast_for, evaluate
-from utils.losses import DeepSupervisionLoss, deep_supervision_weights, segmentation_loss
-from utils.memory import peak_memory
-from utils.plots import mid_slices
-from utils.run_log import RunLog
-from utils.semi_supervised import MeanTeacher
+from utils.training.checkpoint import rng_states, save_checkpoint, set_rng_states
+from utils.data.cache import Cases
+from utils.training.distributed import Place, any_process, gather, unwrap
+from utils.inference.evaluation import amp_dtype, autocast_for, evaluate
+from utils.training.losses import DeepSupervisionLoss, deep_supervision_weights, segmentation_loss
+from utils.training.memory import peak_memory
+from utils.outputs.plots import mid_slices
+from utils.training.run_log import RunLog
+from utils.training.semi_supervised import MeanTeacher
 
 POLY_POWER = 0.9           # nnU-Net's learning-rate decay: lr * (1 - epoch / epochs) ** 0.9
 
 
 def make_loss(name: str = "dicece", class_weights: list[float] | None = None, outputs: int = 1) -> nn.Module:
     """-loss `name` (default Dice + cross-entropy) with `class_weights` on its cross-entropy or
-    focal term (utils/losses.py). With several training outputs (a DynUNet's deep supervision), the
+    focal term (utils/training/losses.py). With several training outputs (a DynUNet's deep supervision), the
     loss of each, weighted as nnU-Net weights them."""
     loss = segmentation_loss(name, class_weights)
     return loss if outputs == 1 else DeepSupervisionLoss(loss, deep_supervision_weights(outputs))
@@ -77,7 +77,7 @@ class Trainer:
         self.run_info = run_info                        # split, preprocessing, model_config: kept in checkpoints
         self.run_log = run_log or RunLog(self.run_dir, class_names, is_main=self.place.is_main)
         self.after_epoch = after_epoch                  # e.g. a sweep's pruner, given each epoch's row
-        # Semi-supervised learning (utils/semi_supervised.py): batches of unlabelled crops, and the
+        # Semi-supervised learning (utils/training/semi_supervised.py): batches of unlabelled crops, and the
         # teacher whose predictions on them the network learns to agree with.
         self.unlabelled_loader, self.mean_teacher = unlabelled_loader, mean_teacher
         self.steps = 0                                  # optimizer steps taken, for the teacher's average

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.evaluation import Autocast, keep_largest_component, predict_logits
-from utils.preprocessing import Preprocessing, has_spacing, label_map, to_grid
-from utils.scans import ScanError, read_scan
+from utils.inference.evaluation import Autocast, keep_largest_component, predict_logits
+from utils.data.preprocessing import Preprocessing, has_spacing, label_map, to_grid
+from utils.data.scans import ScanError, read_scan
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # The model knows only what its training scans show; Task04's are boxes of at most 43 x 59 x 47 mm

@@ -21,9 +21,9 @@ from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from utils.augmentation import LEFT_RIGHT
-from utils.cache import Cases
-from utils.distributed import Place, gather
+from utils.data.augmentation import LEFT_RIGHT
+from utils.data.cache import Cases
+from utils.training.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 SLIDING_WINDOW_OVERLAP = 0.25

@@ -14,7 +14,7 @@ LEFT_RIGHT = 2    # the left-right axis of a (B, C, D, H, W) batch in canonical 
 class BatchAugmentation:
     """Random augmentation drawn for each sample, applied to the whole batch with torch ops.
 
-    Used as the loader's collate_fn, on crops (utils/sampling.py:patch_window). Per sample: a
+    Used as the loader's collate_fn, on crops (utils/data/sampling.py:patch_window). Per sample: a
     left-right flip, sometimes a small rotation and scaling, a brightness change, and Gaussian
     noise. Done batch-wide
     (one grid_sample call, a few tensor ops) because TorchIO's per-sample transforms cost about

@@ -186,7 +186,7 @@ def locate_task(data_dir: str | os.PathLike, task: str, google_id: str | None,
 
     `data_dir` may be the extracted task folder, the task's .tar, or a folder that holds (or will
     hold) either of them. CSV lists and plain imagesTr/labelsTr folders never get here:
-    utils/layouts.py reads them before asking for an MSD task.
+    utils/data/layouts.py reads them before asking for an MSD task.
     """
     path = Path(data_dir)
     if path.is_file():

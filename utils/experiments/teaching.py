@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from utils.sampling import EvenSampler
+from utils.data.sampling import EvenSampler
 
 GRADSCALER_SCALE = 2.0 ** 16      # torch.amp.GradScaler's initial scale (init_scale=65536)
 FP16_SMALLEST = 2.0 ** -24        # the smallest positive fp16 number (a subnormal); below half of it: 0

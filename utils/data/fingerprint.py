@@ -1,7 +1,7 @@
 """The data set's fingerprint: each case's spacing, shape and foreground intensities, and the
 target spacing they call for (nnU-Net's rule), computed once from the cases as they are read.
 
-utils/preprocessing.py resamples every case to `target_spacing`. The fingerprint is saved with the
+utils/data/preprocessing.py resamples every case to `target_spacing`. The fingerprint is saved with the
 run (config.json and the checkpoints); its foreground percentiles are what nnU-Net v2 uses to
 normalise CT (not done here: MRI is z-scored per case).
 """

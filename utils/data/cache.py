@@ -2,7 +2,7 @@
 
     read and check every case (its fingerprint: spacing, shape, foreground intensities) ->
     target spacing and one shape holding every resampled case -> read each case again, preprocess
-    it (utils/preprocessing.py) and write it as .npy files -> rename the folder into place.
+    it (utils/data/preprocessing.py) and write it as .npy files -> rename the folder into place.
 
 The cache folder's name is a key of everything that decides its content: each file's path, size
 and modification time, the class values, the U-Net's downsampling factor, the preprocessing asked
@@ -34,9 +34,9 @@ import torchio as tio
 from tqdm import tqdm
 
 from utils.errors import DataError
-from utils.fingerprint import case_summary, fingerprint, samples_per_case
-from utils.layouts import TaskInfo
-from utils.preprocessing import (Preprocessing, check_channels, crop_or_pad_bounds, label_map, load_pair,
+from utils.data.fingerprint import case_summary, fingerprint, samples_per_case
+from utils.data.layouts import TaskInfo
+from utils.data.preprocessing import (Preprocessing, check_channels, crop_or_pad_bounds, label_map, load_pair,
                                  prediction_window, resampled_shape, shape_for, to_grid, uncrop_transform)
 
 # Bump when the preprocessing code changes what it writes, so that older caches are not read.
@@ -68,7 +68,7 @@ class Cases:
     each case's own voxel grid rather than on the padded training tensor; `windows` say which part
     of the padded volume validation predicts (`prediction_window`); `foreground` holds (class, x,
     y, z) rows of foreground voxels of the training volume, for foreground-centred crops.
-    `fingerprint` (utils/fingerprint.py) describes all the cases read; a subset keeps none.
+    `fingerprint` (utils/data/fingerprint.py) describes all the cases read; a subset keeps none.
     """
     ids: list[str]
     images: list[torch.Tensor]

@@ -8,12 +8,12 @@ import torch
 from monai.losses import DiceCELoss
 
 import main as entry
-from utils.checkpoint import load_checkpoint
+from utils.training.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.args import parse_args
-from utils.losses import (DeepSupervisionLoss, choose_class_weights, class_frequencies, deep_supervision_weights, segmentation_loss,
+from utils.training.losses import (DeepSupervisionLoss, choose_class_weights, class_frequencies, deep_supervision_weights, segmentation_loss,
                           weights_from_frequencies)
-from utils.model import (ARCHITECTURES, DEFAULT_CHANNELS, build_model, check_network_options, downsampling_factor, input_multiples,
+from utils.training.networks import (ARCHITECTURES, DEFAULT_CHANNELS, build_model, check_network_options, downsampling_factor, input_multiples,
                          last_layer, model_config, plan_dynunet)
 
 # TINY (conftest) without its network options, which each network below gives its own; and one

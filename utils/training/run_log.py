@@ -17,7 +17,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from utils.files import written_atomically
-from utils.plots import plot_curves, plot_predictions, write_progress_gif
+from utils.outputs.plots import plot_curves, plot_predictions, write_progress_gif
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (0.3 s a drawing) and at the end

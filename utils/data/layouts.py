@@ -1,7 +1,7 @@
 """The data layouts that -data_dir accepts, each turned into the same `TaskInfo`.
 
 - an MSD task folder (dataset.json, imagesTr/, labelsTr/), its .tar, or a folder to download
-  it into (utils/download.py finds, downloads and extracts it);
+  it into (utils/data/download.py finds, downloads and extracts it);
 - a CSV list with the columns `image,label` and an optional `split` (`train` or `val`), its paths
   relative to the CSV's folder or absolute;
 - a plain folder with imagesTr/ and labelsTr/ whose files pair up by name, without dataset.json.
@@ -22,9 +22,9 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from utils.download import is_task_folder, locate_task
+from utils.data.download import is_task_folder, locate_task
 from utils.errors import DataError
-from utils.scans import ScanError, read_scan
+from utils.data.scans import ScanError, read_scan
 
 SPLITS = ("train", "val")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

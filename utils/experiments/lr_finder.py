@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from monai.optimizers import LearningRateFinder
 
-from utils.plots import plot_range_test
+from utils.outputs.plots import plot_range_test
 
 START_LR = 1e-5
 END_LR = 10.0

@@ -14,7 +14,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from utils.errors import CheckpointError
 from utils.files import written_atomically
-from utils.model import saved_model_config
+from utils.training.networks import saved_model_config
 
 REQUIRED_KEYS = ("model", "model_config", "preprocessing")
 

@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 
 from utils.files import written_atomically
-from utils.plots import LABEL_COLOURS, VIEWS, plot_curves
+from utils.outputs.plots import LABEL_COLOURS, VIEWS, plot_curves
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.4; }

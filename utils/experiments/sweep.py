@@ -42,10 +42,10 @@ from optuna.trial import TrialState
 from utils.args import Config, parse_args, refuse_options_that_do_not_apply
 from utils.errors import UserError
 from utils.files import written_atomically
-from utils.memory import is_out_of_memory, peak_memory, reset_peak
-from utils.model import check_network_options
-from utils.plots import plot_sweep
-from utils.report import write_sweep_report
+from utils.training.memory import is_out_of_memory, peak_memory, reset_peak
+from utils.training.networks import check_network_options
+from utils.outputs.plots import plot_sweep
+from utils.outputs.report import write_sweep_report
 
 STUDY_NAME = "sweep"
 RANGE_TRIALS = 10                 # -trials when the space has a range and -trials is not given

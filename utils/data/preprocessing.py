@@ -9,7 +9,7 @@ validation, -evaluate and -predict share, and their undoing for a prediction.
 A prediction goes back the same way: un-padded (TorchIO's inverse of the crop/pad), and, for a
 resampled scan, its class probabilities resampled linearly onto the scan's own grid before the
 most likely class is taken (as nnU-Net does), so that labels are written, and measured, on the
-grid of the original file. utils/cache.py runs these steps once per case and keeps the result.
+grid of the original file. utils/data/cache.py runs these steps once per case and keeps the result.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 import torchio as tio
 
 from utils.errors import DataError
-from utils.layouts import TaskInfo
-from utils.scans import ScanError, read_scan
+from utils.data.layouts import TaskInfo
+from utils.data.scans import ScanError, read_scan
 
 # A scan whose spacing is within this fraction of the target on every axis is not resampled: the
 # header of a 1 mm scan may say 0.99999 mm, and resampling it would only blur it a little.
