@@ -1,6 +1,11 @@
 import pytest
 
-from utils.args import build_parser, config_from_dict, explicit_options, for_device, parse_args, str2bool
+import dataclasses
+import json
+
+from utils.args import (Config, build_parser, config_from_dict, declared, for_device, layered, options, parse_args,
+                        refuse_mode_combinations, refuse_options_that_do_not_apply, str2bool)
+from utils.errors import UserError
 
 
 def usage_error(argv, capsys) -> str:
@@ -91,19 +96,25 @@ def test_label_names_are_a_list():
 
 
 def test_every_option_has_help_with_its_default():
-    for action in build_parser()._actions:
-        if action.dest != "help":
-            assert action.help, action.dest
-    assert "(default: 0.01)" in build_parser().format_help()            # -lr
+    text = " ".join(build_parser().format_help().split())
+    for field in declared():
+        assert field.metadata["help"] and f"-{field.name}" in text, field.name
+    assert "(default: 0.01)" in text and "-patch_size PATCH_SIZE PATCH_SIZE PATCH_SIZE" in text   # -lr
 
 
 def test_config_from_dict_goes_through_the_same_checks():
     c = config_from_dict({"batch_size": 4, "Nit": 3, "mixed_precision": False, "channels": [4, 8]})
     assert (c.batch_size, c.Nit, c.mixed_precision, c.channels, c.epochs) == (4, 3, False, [4, 8], 100)
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(UserError, match="unknown option"):
         config_from_dict({"batchsize": 4})
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="-Nit 0: 0 is too small"):
         config_from_dict({"Nit": 0})
+    with pytest.raises(UserError, match="-Nit 2.5: '2.5' is not a whole number"):
+        config_from_dict({"Nit": 2.5})
+    with pytest.raises(UserError, match="invalid choice 'vnet'"):
+        config_from_dict({"architecture": "vnet"})
+    with pytest.raises(UserError, match="at least 2 levels"):
+        config_from_dict({"channels": [8]})
 
 
 def test_class_weights_are_none_auto_or_one_number_per_class(capsys):
@@ -116,13 +127,59 @@ def test_class_weights_are_none_auto_or_one_number_per_class(capsys):
     assert "0.0 must be a finite number greater than 0" in usage_error(["-class_weights", "1", "0"], capsys)
 
 
-def test_explicit_options_are_only_the_typed_ones():
-    assert explicit_options(["-epochs", "5", "-resume"]) == {"epochs": 5, "resume": True}
+def test_the_typed_options_are_worked_out_once_and_kept():
+    config = parse_args(["-epochs", "5", "-resume"])
+    assert config.typed == {"epochs": 5, "resume": True}
     # Words mean the same typed on top of a resumed run as in a new one.
-    typed = explicit_options(["-label_names", "None", "-class_weights", "auto"])
-    assert typed == {"label_names": None, "class_weights": "auto"}
-    assert {name: getattr(parse_args(["-label_names", "None", "-class_weights", "auto"]), name)
-            for name in typed} == typed
+    config = parse_args(["-label_names", "None", "-class_weights", "auto"])
+    assert config.typed == {"label_names": None, "class_weights": "auto"}
+    assert (config.label_names, config.class_weights) == (None, "auto")
+
+
+def test_layering_is_defaults_then_saved_values_then_typed_ones():
+    saved = {**parse_args([]).to_dict(), "lr": 0.5, "epochs": 7, "architecture": "dynunet", "channels": [8, 16],
+             "removed_option": 1}
+    config = layered({"epochs": 3}, saved)
+    assert (config.lr, config.epochs, config.architecture, config.channels) == (0.5, 3, "dynunet", [8, 16])
+    assert config.typed == {"epochs": 3}
+    assert layered({"architecture": "swinunetr"}).channels == [24, 48, 96, 192, 384]   # its own default width
+    assert layered({"max_minutes": 5}, saved).epochs == 7                                # the saved run's
+
+
+def test_a_config_file_is_layered_under_the_typed_options(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"config": {**parse_args(["-lr", "0.02", "-Nit", "7"]).to_dict(), "config": "x"}}))
+    config = parse_args(["-config", str(path), "-Nit", "3"])
+    assert (config.lr, config.Nit, config.config) == (0.02, 3, str(path))      # the file it came from
+
+
+def test_option_lists_come_from_the_declarations():
+    assert options(network=True) == ["patch_size", "architecture", "channels", "num_res_units", "deep_supervision"]
+    assert set(options(mode=True)) == {"resume", "evaluate", "predict", "lr_find", "sweep"}
+    assert set(options(sweepable=False)) >= {"sweep", "best_models_dir", "resume", "config"}
+    assert "lr" in options(sweepable=True) and "device" in options(machine=True)
+    assert [f.name for f in dataclasses.fields(Config)] == [*options(), "typed"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-trials", "3"], "-trials applies to -sweep a space.json only"),
+    (["-ema_decay", "0.9"], "-ema_decay applies to -mean_teacher True only"),
+    (["-mean_teacher", "-pseudo_label_threshold", "0.5"], "applies to -consistency_loss pseudo_label only"),
+    (["-num_res_units", "2", "-architecture", "dynunet"], "-num_res_units applies to -architecture unet only"),
+    (["-deep_supervision", "False"], "-deep_supervision applies to -architecture dynunet only"),
+    (["-loss", "dice", "-class_weights", "auto"], "-loss dice has neither"),
+])
+def test_options_of_a_setting_the_run_does_not_have_are_refused(argv, message):
+    with pytest.raises(UserError, match=message):
+        refuse_options_that_do_not_apply(parse_args(argv))
+
+
+def test_before_anything_is_read_only_settled_options_are_checked():
+    with pytest.raises(UserError, match="-trials applies to -sweep"):
+        refuse_mode_combinations(parse_args(["-trials", "3"]))
+    # The network comes from the checkpoint, and -resume's settings from its run: checked later.
+    refuse_mode_combinations(parse_args(["-deep_supervision", "False", "-train_from_checkpoint", "None"]))
+    refuse_mode_combinations(parse_args(["-ema_decay", "0.9", "-resume"]))
 
 
 def test_a_time_limit_alone_lets_the_clock_end_the_run():
@@ -147,8 +204,7 @@ FREE_TEXT = {"-task", "-google_id", "-data_dir", "-best_models_dir", "-predict",
 
 
 def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):
-    valued = {action.option_strings[0] for action in build_parser()._actions
-              if action.option_strings and action.type is not str2bool and action.nargs != 0}
+    valued = {f"-{field.name}" for field in declared() if field.metadata["type"] is not str2bool}
     assert valued - FREE_TEXT == set(BAD_VALUES), "give each new option a bad value in BAD_VALUES"
     for option, value in BAD_VALUES.items():
         argv = [option, value] + (["8", "8"] if option == "-patch_size" else [])

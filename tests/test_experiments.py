@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main as entry
+from utils.args import parse_args
 from conftest import ROOT, TINY, interrupt_validation
 from utils.experiments import sweep
 from utils.training.checkpoint import load_checkpoint
@@ -117,7 +118,7 @@ def test_lr_find_refuses_another_kind_of_run(other, task_dir, tmp_path, capsys):
 
 def test_sweep_options_without_a_sweep_are_refused(task_dir, tmp_path, capsys):
     assert run_main(task_dir, tmp_path / "run", "-trials", "3") == 1
-    assert "-trials belongs to a sweep" in capsys.readouterr().err
+    assert "-trials applies to -sweep a space.json only" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- sweeps
@@ -238,14 +239,14 @@ def test_two_processes_share_one_study_and_never_run_a_point_twice(task_dir, tmp
 def test_a_bad_space_is_refused_before_anything_runs(space, message, tmp_path):
     path = write_space(tmp_path, space)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        sweep.read_space(path, ["-architecture", "dynunet"] if "architecture" in message or "dynunet" in message
-                         else [])
+        sweep.read_space(path, parse_args(["-architecture", "dynunet"] if "architecture" in message
+                                          or "dynunet" in message else []))
 
 
 def test_a_bad_space_stops_main_with_the_reason_and_no_trial(task_dir, tmp_path, capsys):
     out_dir = tmp_path / "sweep"
     assert run_main(task_dir, out_dir, "-sweep", write_space(tmp_path, {"lr": [0.01, 0]})) == 1
-    assert "lr = 0: argument -lr" in capsys.readouterr().err
+    assert "lr = 0: -lr 0: 0.0 must be a finite number greater than 0" in capsys.readouterr().err
     assert not (out_dir / "trial_0").exists()
 
 

@@ -159,7 +159,7 @@ def test_auto_without_imagests_and_a_bad_unlabelled_file_are_named(task_dir, tmp
     assert run_main(task_dir, tmp_path / "b", "-mean_teacher", "True", "-unlabelled_dir", str(folder)) == 1
     assert "scan_1.nii.gz" in capsys.readouterr().err
     assert run_main(task_dir, tmp_path / "c", "-unlabelled_dir", str(folder)) == 1
-    assert "-unlabelled_dir belongs to -mean_teacher True" in capsys.readouterr().err
+    assert "-unlabelled_dir applies to -mean_teacher True only" in capsys.readouterr().err
 
 
 def test_auto_reads_the_tasks_imagests(tmp_path, capsys):

@@ -14,7 +14,8 @@ from utils.data_class import split_cases, train_loader
 from utils.data.layouts import read_task
 from utils.training.losses import segmentation_loss
 from utils.training.networks import build_model, downsampling_factor, model_config, training_outputs
-from utils.trainer_class import NonFiniteLossError, Trainer, make_loss, make_optimizer, memory_format
+from utils.trainer_class import NonFiniteLossError, Trainer, make_optimizer, memory_format
+from utils.training.losses import make_loss
 
 
 def make_trainer(task_dir, run_dir, **options) -> Trainer:
@@ -227,8 +228,8 @@ def test_epoch_lines_give_the_number_of_epochs_only_when_epochs_end_the_run(task
     trainer = make_trainer(task_dir, tmp_path / "run", epochs=1)
     trainer.training_loop()
     assert capsys.readouterr().out.startswith("epoch   1/1  train loss")
-    trainer = make_trainer(task_dir, tmp_path / "run2", max_minutes=1e-6)   # stops after one epoch
-    trainer.config = dataclasses.replace(trainer.config, epochs=EPOCHS_UNDER_A_TIME_LIMIT)   # as parse_args sets it
+    # As parse_args sets a time limit alone; it stops after one epoch.
+    trainer = make_trainer(task_dir, tmp_path / "run2", max_minutes=1e-6, epochs=EPOCHS_UNDER_A_TIME_LIMIT)
     trainer.training_loop()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("epoch   1  train loss") and str(EPOCHS_UNDER_A_TIME_LIMIT) not in "".join(lines)
@@ -285,7 +286,7 @@ def test_early_stopping_stops_after_patience(task_dir, tmp_path):
 def test_learning_rate_decays_to_zero_over_the_epochs(task_dir, tmp_path):
     trainer = make_trainer(task_dir, tmp_path / "run", epochs=4, lr=0.1)
     trainer.training_loop()
-    lrs = [row["lr"] for row in trainer.history]
+    lrs = [row["lr"] for row in trainer.run_log.history]
     assert lrs == pytest.approx([0.1 * (1 - e / 4) ** 0.9 for e in (1, 2, 3, 4)])
 
 

@@ -1,4 +1,4 @@
-"""Split the preprocessed cases and load them in batches.
+"""The data of a training run: read the cases, split them and load them in batches.
 
 One batch, from disk to the loader:
   a TaskInfo (utils/data/layouts.py: from dataset.json, a CSV list or a plain folder) -> read, check
@@ -8,16 +8,23 @@ One batch, from disk to the loader:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.args import Config, refuse_other_values, options
 from utils.data.augmentation import BatchAugmentation
-from utils.data.cache import Cases
-from utils.errors import DataError
+from utils.data.cache import Cases, load_cases
+from utils.data.layouts import TaskInfo, read_data, read_unlabelled
+from utils.data.preprocessing import Preprocessing
 from utils.data.sampling import EvenSampler, patch_window
+from utils.errors import DataError, UserError
+from utils.training.distributed import Place, barrier
+from utils.training.networks import input_multiples
+from utils.training.semi_supervised import unlabelled_pool
 
 
 # ---------------------------------------------------------------- split
@@ -110,3 +117,80 @@ def train_loader(cases: Cases, batch_size: int, Nit: int | None, augment: bool, 
         # augmentations of an uninterrupted one (persistent workers would break that).
         generator=torch.Generator().manual_seed(seed + 1),
     )
+
+
+# ---------------------------------------------------------------- the data of a run
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What build_data gives a training run."""
+    info: TaskInfo                  # where the cases are, their classes and channels
+    cases: Cases                    # every labelled case, preprocessed (memory-mapped)
+    preprocessing: Preprocessing    # how, saved with the run for -evaluate and -predict
+    split: dict[str, list[str]]     # {"train": ids, "val": ids}
+    labelled: list[str]             # the training cases whose labels are used (-labelled_fraction)
+    train_cases: Cases
+    val_cases: Cases
+    loader: DataLoader              # Nit batches of augmented training crops per epoch
+    unlabelled_loader: DataLoader | None = None     # -mean_teacher: as many batches of unlabelled crops
+
+
+def build_data(config: Config, place: Place, resumed: dict | None = None, say: Callable = print) -> TrainingData:
+    """The data of a training run as `config` says, or of the run being resumed (`resumed`, its
+    last.pt): the cases read, checked and preprocessed once into the cache, the split (the run's
+    own when resumed), and the loaders."""
+    info = read_data(config.data_dir, config.task, config.google_id, config.label_names)
+    divisor = max(input_multiples(config.architecture, config.channels, config.patch_size))
+    if not place.is_main:
+        barrier(place)          # the first process builds the cache; the others then read it
+    cases, preprocessing = load_cases(info, divisor, progress=place.is_main, cache_dir=config.cache_dir)
+    if place.is_main:
+        barrier(place)
+    if resumed is not None:
+        split = resumed["split"]
+        if Preprocessing.from_dict(resumed["preprocessing"]) != preprocessing:
+            raise UserError(f"The data in {info.task_dir} preprocesses differently from the run being "
+                            f"resumed. Use the same -data_dir as that run.")
+    else:
+        split_seed = config.random_seed if config.split_seed is None else config.split_seed
+        split = split_cases(cases.ids, config.train_val_ratio, split_seed, info.split)
+    labelled, unlabelled_ids = labelled_subset(split["train"], config.labelled_fraction, config.random_seed)
+    if resumed is not None:
+        refuse_other_values(config, resumed["config"], options(kept_on_resume=True))
+        labelled = resumed["labelled"]
+    train_cases, val_cases = cases.subset(labelled), cases.subset(split["val"])
+    if config.labelled_fraction < 1:
+        say(f"-labelled_fraction {config.labelled_fraction:g}: {len(labelled)} training cases keep their labels, "
+            f"{len(unlabelled_ids)} are used as unlabelled scans" + ("" if config.mean_teacher else
+                                                                    " (by nothing, without -mean_teacher True)"))
+    if config.batch_size > len(train_cases):
+        say(f"Note: -batch_size {config.batch_size} is larger than the {len(train_cases)} training "
+            f"cases; batches repeat cases" + ("." if config.Nit else " only with -Nit; without it a "
+                                              "batch holds each training case once."))
+
+    def loader_of(pool: Cases, Nit: int | None, seed: int, foreground_crops: float = 0.0) -> DataLoader:
+        return train_loader(pool, config.batch_size, Nit, config.augment, config.num_workers, seed,
+                            config.patch_size, pin_memory=place.device.type == "cuda", rank=place.rank,
+                            world_size=place.world_size, foreground_crops=foreground_crops)
+
+    loader = loader_of(train_cases, config.Nit, config.random_seed, config.foreground_crops)
+    unlabelled_loader = None
+    if config.mean_teacher:
+        if place.distributed:
+            raise UserError("-mean_teacher runs in one process for now (its second forward pass per step "
+                            "is not yet arranged for DDP): start it with python main.py, not torchrun.")
+        scans = None
+        if config.unlabelled_dir is not None:
+            scans, _ = load_cases(read_unlabelled(config.unlabelled_dir, info), divisor, progress=place.is_main,
+                                  preprocessing=preprocessing, cache_dir=config.cache_dir)
+        pool = unlabelled_pool(train_cases, cases.subset(unlabelled_ids) if unlabelled_ids else None, scans,
+                               split["val"], None if resumed is None else resumed["unlabelled_ids"], say)
+        # As many unlabelled batches as labelled ones, from crops anywhere in the scans.
+        unlabelled_loader = loader_of(pool, len(loader), config.random_seed + 2)
+    spacing = "each scan's own spacing" if preprocessing.spacing is None else \
+        " x ".join(f"{side:g}" for side in preprocessing.spacing) + " mm voxels"
+    say(f"{len(train_cases)} training and {len(val_cases)} validation cases, preprocessed to "
+        f"{preprocessing.target_shape} ({spacing}); {len(loader)} iterations per epoch"
+        + (f" on each of {place.world_size} processes (batch {config.batch_size} each)" if place.distributed else ""))
+    return TrainingData(info, cases, preprocessing, split, labelled, train_cases, val_cases, loader, unlabelled_loader)

@@ -6,6 +6,7 @@ a kill or a full disk in the middle leaves the previous version in place.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -37,3 +38,17 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file's object, or {} when it is missing or unreadable (e.g. a run's first config.json)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path: str | Path, content: dict) -> None:
+    """Written whole to a temporary file, then renamed over `path`: never half a file."""
+    with written_atomically(path) as file:
+        file.write(json.dumps(content, indent=2))

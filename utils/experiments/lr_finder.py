@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from monai.optimizers import LearningRateFinder
 
+from utils.errors import UserError
 from utils.outputs.plots import plot_range_test
 
 START_LR = 1e-5
@@ -91,3 +92,17 @@ def write_range_test(result: RangeTestResult, run_dir: Path) -> tuple[Path, Path
         writer.writerows(zip(result.lrs, result.losses))
     plot_range_test(result.lrs, result.losses, result.suggestion, png_path)
     return csv_path, png_path
+
+
+def find_learning_rate(trainer) -> float:
+    """-lr_find: the range test with `trainer`'s model, loss, precision and augmented batches;
+    lr_find.csv and lr_find.png in its run folder; prints and returns the suggested -lr."""
+    test = range_test(trainer)
+    csv_path, png_path = write_range_test(test, trainer.run_dir)
+    print(f"Range test: {len(test.lrs)} steps from lr {test.lrs[0]:.2g} to {test.lrs[-1]:.2g}"
+          + (" (stopped: the loss diverged)" if test.diverged else "") + f"; {csv_path}, {png_path}")
+    if test.suggestion is None:
+        raise UserError("The range test's loss did not fall anywhere, so it suggests no learning rate. "
+                        f"Look at {png_path}; try -lr_find with more data per step (-batch_size) or check the data.")
+    print(f"suggested -lr {test.suggestion:.3g} ({SUGGESTION_RULE})")
+    return test.suggestion

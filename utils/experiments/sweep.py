@@ -22,6 +22,7 @@ trial n the grid's point n, and a process stops when the work is done.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import inspect
 import itertools
@@ -29,8 +30,6 @@ import json
 import shlex
 import time
 import warnings
-from contextlib import redirect_stderr
-from io import StringIO
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +38,7 @@ import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from utils.args import Config, parse_args, refuse_options_that_do_not_apply
+from utils.args import Config, command_line, options, refuse_options_that_do_not_apply, with_typed
 from utils.errors import UserError
 from utils.files import written_atomically
 from utils.training.memory import is_out_of_memory, peak_memory, reset_peak
@@ -62,11 +61,11 @@ RETRY_ARGUMENT = ("heartbeat_stale_trial_callback"
                   else "failed_trial_callback")
 RETRY_CALLBACK = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 # Options that are the sweep's own or choose what a run is: they cannot be swept.
-NOT_SWEPT = {"sweep", "trials", "sweep_storage", "best_models_dir", "resume", "evaluate", "evaluate_split",
-             "predict", "predictions_dir", "lr_find", "config"}
+NOT_SWEPT = options(sweepable=False)
 # Options of the command that are not part of the study's identity (they may differ per machine).
-LOCAL_OPTIONS = {"-sweep", "-trials", "-sweep_storage", "-best_models_dir", "-data_dir", "-cache_dir",
-                 "-num_workers", "-device"}
+LOCAL_OPTIONS = options(machine=True)
+# Options of the command that a trial does not take: the sweep's own, and the run folder (its own).
+NOT_FOR_TRIALS = options(machine=True, sweepable=False)
 
 
 # ---------------------------------------------------------------- the space
@@ -83,18 +82,7 @@ def choice(value: Any) -> Any:
     return " ".join(words(value)) if isinstance(value, (list, tuple)) else value
 
 
-def parse_quietly(argv: list[str], where: str) -> Config:
-    """parse_args, with argparse's complaint turned into a UserError that names `where`."""
-    complaint = StringIO()
-    try:
-        with redirect_stderr(complaint):
-            return parse_args(argv)
-    except SystemExit:
-        reason = complaint.getvalue().strip().splitlines()[-1] if complaint.getvalue().strip() else "refused"
-        raise UserError(f"{where}: {reason.split('error: ', 1)[-1]}") from None
-
-
-def read_space(path: str, base_argv: Sequence[str]) -> dict[str, Any]:
+def read_space(path: str, base: Config) -> dict[str, Any]:
     """space.json as {option: list of values, or {"low", "high", "log"?, "step"?}}, every name and
     value checked as the command line checks it (with the other options of this command)."""
     try:
@@ -104,7 +92,7 @@ def read_space(path: str, base_argv: Sequence[str]) -> dict[str, Any]:
                         f'{{"lr": [0.005, 0.01], "batch_size": [2, 4]}}.') from None
     if not isinstance(space, dict) or not space:
         raise UserError(f'-sweep {path} must be a JSON object of options, e.g. {{"lr": [0.005, 0.01]}}.')
-    known = {field for field in Config.__dataclass_fields__}
+    known = set(options())
     checked = {}
     for raw_name, spec in space.items():
         name = raw_name.lstrip("-")
@@ -124,10 +112,9 @@ def read_space(path: str, base_argv: Sequence[str]) -> dict[str, Any]:
             raise UserError(f"-sweep {path}: {name} must be a list of values (a grid) or "
                             f'{{"low": ..., "high": ..., "log": true}} (a range), not {spec!r}.')
         for value in values:
-            argv = [*base_argv, f"-{name}", *words(value)]
-            config = parse_quietly(argv, f"-sweep {path}: {name} = {json.dumps(value)}")
             try:
-                refuse_options_that_do_not_apply(config, argv)
+                config = with_typed(base, {name: value})
+                refuse_options_that_do_not_apply(config)
                 check_network_options(config.architecture, config.channels, config.patch_size)
             except UserError as error:
                 raise UserError(f"-sweep {path}: {name} = {json.dumps(value)}: {error}") from None
@@ -208,13 +195,13 @@ def make_storage(url: str | None, sweep_dir: Path):
                         f"sqlite:///sweep.db or postgresql://user@host/db, or journal:PATH.") from None
 
 
-def open_study(storage, space: dict, base_options: list[str], seed: int) -> optuna.Study:
+def open_study(storage, space: dict, base: Config, seed: int) -> optuna.Study:
     """Create the study, or join the one that the same command created before (or in another
     process). A study of another space is refused."""
     sampler = (GridSampler({name: [choice(v) for v in spec] for name, spec in space.items()}, seed=seed)
                if is_grid(space) else optuna.samplers.TPESampler())
     pruner = make_pruner()
-    wanted = {"space": space, "options": identity(base_options)}
+    wanted = {"space": space, "options": identity(base)}
     try:
         study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                     sampler=sampler, pruner=pruner)
@@ -249,11 +236,16 @@ def make_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
 
 
-def identity(argv: Sequence[str]) -> dict:
-    """This command's options that define the study, as parsed (so their order does not matter):
-    all but the local ones (paths, device, the sweep's own)."""
-    return {name: value for name, value in parse_args(list(argv)).to_dict().items()
-            if f"-{name}" not in LOCAL_OPTIONS}
+def identity(base: Config) -> dict:
+    """This command's options that define the study: all but the local ones (paths, device, the
+    sweep's own)."""
+    return {name: value for name, value in base.to_dict().items() if name not in LOCAL_OPTIONS}
+
+
+def trial_config(base: Config, params: dict, trial_dir: Path) -> Config:
+    """A trial's run: this command's options without the sweep's, the trial's values, and its folder."""
+    typed = {name: value for name, value in base.typed.items() if name not in NOT_FOR_TRIALS}
+    return with_typed(dataclasses.replace(base, typed=typed), {**params, "best_models_dir": str(trial_dir)})
 
 
 # ---------------------------------------------------------------- one trial
@@ -322,7 +314,7 @@ class TrialStopped(Exception):
     """A trial that ended without a result (out of memory, failed, surplus): recorded, and the sweep goes on."""
 
 
-def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_dir: Path,
+def run_one_trial(study: optuna.Study, space: dict, base: Config, sweep_dir: Path,
                   train: Callable, device: torch.device, grid: bool) -> str:
     """Run one trial of the study as an ordinary training run and return how it ended. Ctrl-C is
     passed on, after the trial is recorded and its options queued to run again."""
@@ -337,8 +329,8 @@ def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_
             raise TrialStopped("the grid has no point left")
         ended.update(number=trial.number, params=params, reason="")
         trial_dir = sweep_dir / f"trial_{trial.number}"
-        argv = trial_command(base_argv, params, trial_dir)
-        trial.set_user_attr("command", shlex.join(["python", "main.py", *argv]))
+        config = trial_config(base, params, trial_dir)
+        trial.set_user_attr("command", shlex.join(["python", "main.py", *command_line(config)]))
         print(f"\n--- trial {trial.number}: {' '.join(f'-{k} {v}' for k, v in params.items())}  ({trial_dir})")
 
         def report(row: dict) -> None:             # the Trainer calls this after every epoch
@@ -349,7 +341,7 @@ def run_one_trial(study: optuna.Study, space: dict, base_argv: list[str], sweep_
         started = time.monotonic()
         reset_peak(device)
         try:
-            trainer = train(parse_args(argv), argv, report)
+            trainer = train(config, report)
         except optuna.TrialPruned as error:
             ended.update(state="pruned", reason=str(error))
             record(trial, trial_dir, started, device, "pruned", str(error))
@@ -417,11 +409,10 @@ def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
     return sum(covers_its_point(t, retried) for t in all_trials) < trials
 
 
-def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torch.device) -> optuna.Study:
+def run_sweep(config: Config, train: Callable, device: torch.device) -> optuna.Study:
     """-sweep: run trials until the space (a grid) or -trials is done, writing sweep.csv and
     sweep.png and sweep.html after each; print the best trial and the command that repeats it."""
-    base_argv = list(argv)
-    space = read_space(config.sweep, base_argv)
+    space = read_space(config.sweep, config)
     grid = grid_points(space) if is_grid(space) else None
     trials = config.trials or (len(grid) if grid else RANGE_TRIALS)
     if grid and trials > len(grid):
@@ -430,10 +421,10 @@ def run_sweep(config: Config, argv: Sequence[str], train: Callable, device: torc
     sweep_dir = Path(config.best_models_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are reported here
-    study = open_study(make_storage(config.sweep_storage, sweep_dir), space, base_argv, config.random_seed)
+    study = open_study(make_storage(config.sweep_storage, sweep_dir), space, config, config.random_seed)
     try:
         while work_left(study, space, trials):
-            run_one_trial(study, space, base_argv, sweep_dir, train, device, grid is not None)
+            run_one_trial(study, space, config, sweep_dir, train, device, grid is not None)
             write_sweep_files(study, space, sweep_dir)
     except KeyboardInterrupt:
         write_sweep_files(study, space, sweep_dir)

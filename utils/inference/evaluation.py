@@ -9,8 +9,10 @@ meets the original label; distances are in mm, from the voxel spacing.
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -23,6 +25,7 @@ from torch import nn
 
 from utils.data.augmentation import LEFT_RIGHT
 from utils.data.cache import Cases
+from utils.files import written_atomically
 from utils.training.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -215,3 +218,30 @@ def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Aut
     if also_postprocessed:
         result["postprocessed"] = scored("postprocessed")
     return result
+
+
+def write_evaluation(evaluation: dict, cases: Cases, split: str, checkpoint: Path) -> Path:
+    """-evaluate's files beside `checkpoint`: evaluation_<split>.csv (per case, raw and
+    post-processed) and evaluation_<split>_summary.csv (mean, std and the cases each is over);
+    printed as a table. Returns the CSV's path without its suffix."""
+    rows, summary_rows = [], []
+    for postprocessed, result in ((False, evaluation), (True, evaluation["postprocessed"])):
+        rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
+        summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
+                          "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4),
+                          "cases": measured}
+                         for key, (mean, std, measured) in result["summary"].items()]
+    stem = checkpoint.parent / f"evaluation_{split}"
+    for rows_, file in ((rows, f"{stem}.csv"), (summary_rows, f"{stem}_summary.csv")):
+        with written_atomically(file, newline="") as handle:     # an earlier evaluation stays whole
+            writer = csv.DictWriter(handle, fieldnames=list(rows_[0]))
+            writer.writeheader()
+            writer.writerows(rows_)
+    print(f"{len(cases)} {split} cases of {checkpoint} (mean ± std; distances in mm):")
+    for row in summary_rows:
+        undefined = len(cases) - row["cases"]     # e.g. a distance to a class the prediction misses
+        print(f"  {'post-processed' if row['postprocessed'] else 'raw':>14}  {row['metric']:>4} "
+              f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}"
+              + (f"  (over {row['cases']} cases: undefined for {undefined})" if undefined else ""))
+    print(f"Per-case results: {stem}.csv; summary: {stem}_summary.csv")
+    return stem

@@ -1,10 +1,13 @@
-"""Checkpoint files: written atomically, read safely.
+"""Checkpoints: what they hold, written atomically, read safely, in one format version.
 
 A checkpoint is one dict: model, optimizer, scheduler, scaler, epoch, best_metric, history,
-config (every argument), split (case ids), preprocessing, model_config and rng states.
+config (every argument), split (case ids), preprocessing, model_config and rng states: what the
+Trainer needs to continue (`training_state`, `restore_training`), and what -evaluate, -predict and
+fine-tuning need to rebuild the network and its preprocessing (`trained_model`).
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -14,9 +17,13 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from utils.errors import CheckpointError
 from utils.files import written_atomically
-from utils.training.networks import saved_model_config
+from utils.training.distributed import gather
+from utils.training.networks import build_model
 
 REQUIRED_KEYS = ("model", "model_config", "preprocessing")
+# The layout of the dict. Version 1 is every checkpoint written before the version was recorded;
+# `upgraded` brings an older version to this one, the only one the rest of the package reads.
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -56,23 +63,112 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this program "
                               f"(it lacks {[k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]}). "
                               f"Pass a best.pt or last.pt written by main.py.")
-    state["model_config"] = saved_model_config(state["model_config"])    # U-Nets saved before -architecture
+    return upgraded(state, path)
+
+
+def upgraded(state: dict, path: str | Path) -> dict:
+    """`state` in FORMAT_VERSION's layout: the one place that knows older layouts. Version 1
+    (unversioned) may lack, by age: the network's name (U-Nets saved before -architecture), the
+    training scans' extent (read as their shape at Task04's 1 mm), the labelled share, the unlabelled
+    scans and the teacher's step count (kept at the top level then)."""
+    version = state.get("format_version", 1)
+    if version > FORMAT_VERSION or not isinstance(version, int):
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this program reads versions 1 to "
+                              f"{FORMAT_VERSION}. Use the version of this program that wrote it, or a newer one.")
+    if version == 1:
+        config = state["model_config"]
+        if "architecture" not in config and "strides" in config:
+            state["model_config"] = {"architecture": "unet", **config, "input_divisor": math.prod(config["strides"])}
+        state.setdefault("training_extent_mm", [float(side) for side in state["preprocessing"]["target_shape"]])
+        if "split" in state:
+            state.setdefault("labelled", state["split"]["train"])
+        state.setdefault("unlabelled_ids", None)
+        if "mean_teacher" in state:
+            state.setdefault("steps", 0)
+        state["format_version"] = FORMAT_VERSION
     return state
 
 
-def check_same_model(state: dict, expected: dict, path: str | Path) -> None:
-    """Refuse a checkpoint whose network differs from the one built for this data and config."""
-    saved = state["model_config"]
-    if saved.get("architecture") != expected["architecture"]:
-        raise CheckpointError(f"{path} holds a {saved.get('architecture')} network, not a "
-                              f"{expected['architecture']}. Leave -architecture out to continue from it, or "
-                              f"pass a checkpoint of a {expected['architecture']}.")
-    different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-    if different:
-        lines = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in different.items())
-        raise CheckpointError(f"{path} holds a different network ({lines}). Use a checkpoint trained "
-                              f"for this task, or leave out (or set to match it) -channels, -num_res_units, "
-                              f"-deep_supervision and -patch_size, which otherwise come from its run.")
+def run_info(data, model_config: dict, class_weights: dict, unlabelled_ids: list[str] | None) -> dict:
+    """What every checkpoint and config.json of a run keeps besides the weights: the split and the
+    labelled share, the preprocessing and the network to rebuild, the training scans' extent (for
+    -predict's field-of-view warning), the class names and weights, and the data's fingerprint."""
+    return {"split": data.split, "labelled": data.labelled, "unlabelled_ids": unlabelled_ids,
+            "preprocessing": data.preprocessing.to_dict(), "model_config": model_config,
+            "training_extent_mm": data.cases.extent_mm(),
+            "label_names": {str(k): v for k, v in data.info.label_names.items()},
+            "fingerprint": data.cases.fingerprint,      # spacings, shapes, intensities; target_spacing
+            **class_weights}
+
+
+def resumable_run(run_dir: str | Path) -> dict:
+    """The last.pt of the interrupted run in `run_dir`, or a sentence saying there is none."""
+    last = Path(run_dir) / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"Nothing to resume: {last} does not exist. Start a new run without "
+                              f"-resume, or point -best_models_dir at the folder of the run to continue.")
+    return load_checkpoint(last)
+
+
+def training_state(trainer) -> dict:
+    """Everything `trainer` (utils/trainer_class.py) needs to continue, as one dict. Under torchrun
+    every process takes part: the random states of all of them are gathered."""
+    sampler, log = trainer.train_loader.sampler, trainer.run_log
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": trainer.network.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "epoch": trainer.epoch,
+        "best_metric": trainer.best_metric,
+        "epochs_without_improvement": trainer.epochs_without_improvement,
+        "minutes_trained": trainer.minutes_trained(),
+        "history": log.history,
+        "progress_frames": log.progress_frames,
+        "config": trainer.config.to_dict(),
+        **trainer.run_info,
+        "rng": {"processes": gather(rng_states(), trainer.place), "device": trainer.device.type,
+                "sampler": sampler.state_dict(), "loader": trainer.train_loader.generator.get_state()},
+        **(trainer.extra_loss.state_dict() if trainer.extra_loss is not None else {}),
+    }
+
+
+def restore_training(trainer, state: dict) -> None:
+    """Continue `trainer` exactly where `state` (a last.pt) left off."""
+    trainer.network.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(state["scaler"])
+    # (Otherwise the run was saved without fp16, e.g. on a CPU, and continues with a fresh
+    # scaler; or it continues without fp16, where the scaler is off.)
+    trainer.epoch, trainer.best_metric = state["epoch"], state["best_metric"]
+    trainer.epochs_without_improvement = state["epochs_without_improvement"]
+    trainer.minutes_before = state["minutes_trained"]
+    trainer.run_log.history = list(state["history"])
+    trainer.run_log.progress_frames = list(state["progress_frames"])
+    trainer.train_loader.sampler.load_state_dict(state["rng"]["sampler"])
+    trainer.train_loader.generator.set_state(state["rng"]["loader"])
+    if trainer.extra_loss is not None:
+        trainer.extra_loss.load_state_dict(state)
+    # Each process continues its own random stream when the processes and device are the same.
+    processes, saved_on = state["rng"]["processes"], state["rng"].get("device", trainer.device.type)
+    place = trainer.place
+    if len(processes) == place.world_size:
+        set_rng_states(processes[place.rank])
+    if len(processes) != place.world_size or saved_on != trainer.device.type:
+        trainer.say(f"Note: this run was saved by {len(processes)} process(es) on {saved_on} and continues "
+                    f"with {place.world_size} on {trainer.device.type}, so its random streams (and "
+                    f"arithmetic) differ from an uninterrupted run's: the result is equivalent, not identical.")
+
+
+def trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network saved in the checkpoint at `path`, ready for inference, and the checkpoint."""
+    state = load_checkpoint(path)
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
 
 
 def rng_states() -> dict:

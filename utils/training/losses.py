@@ -127,3 +127,19 @@ class DeepSupervisionLoss(nn.Module):
         if outputs.ndim == labels.ndim:
             return self.base(outputs, labels)
         return sum(weight * self.base(scores, labels) for weight, scores in zip(self.weights, outputs.unbind(1)))
+
+
+def make_loss(name: str = "dicece", class_weights: list[float] | None = None, outputs: int = 1) -> nn.Module:
+    """-loss `name` (default Dice + cross-entropy) with `class_weights` on its cross-entropy or
+    focal term. With several training outputs (a DynUNet's deep supervision), the loss of each,
+    weighted as nnU-Net weights them."""
+    loss = segmentation_loss(name, class_weights)
+    return loss if outputs == 1 else DeepSupervisionLoss(loss, deep_supervision_weights(outputs))
+
+
+def class_weights_of_run(choice, info, train_cases, resumed: dict | None, say) -> dict:
+    """-class_weights as the run keeps them ({"class_weights", "class_frequencies"}: config.json,
+    checkpoints); -resume continues with the weights of its checkpoint, so with the same loss."""
+    if resumed is not None:
+        return {key: resumed.get(key) for key in ("class_weights", "class_frequencies")}
+    return choose_class_weights(choice, info.label_names, train_cases.native_labels, say)

@@ -9,14 +9,15 @@ For each -architecture this module knows, and nothing else in the package asks w
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import CheckpointError, UserError
 
 # -architecture names and the MONAI classes they build.
 ARCHITECTURES = {"unet": "UNet", "dynunet": "DynUNet", "segresnet": "SegResNet", "unetr": "UNETR",
@@ -202,14 +203,6 @@ def model_config(in_channels: int, num_classes: int, channels: Sequence[int], nu
             "input_divisor": max(input_multiples(architecture, channels, patch_size))}
 
 
-def saved_model_config(config: dict) -> dict:
-    """A checkpoint's model_config, completed for checkpoints written before -architecture existed:
-    those hold a U-Net, whose inputs are multiples of the product of its strides."""
-    if "architecture" in config or "strides" not in config:
-        return config
-    return {"architecture": "unet", **config, "input_divisor": math.prod(config["strides"])}
-
-
 class PadsToInputSize:
     """For a network of a fixed input size (`input_size`, the training patch): a smaller input (a
     crop of a smaller volume, a validation window) is padded to it with 0, the mean intensity of
@@ -314,3 +307,46 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(p.numel() for p in model.parameters()))
+
+
+def check_same_model(state: dict, expected: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose network differs from the one built for this data and config."""
+    saved = state["model_config"]
+    if saved.get("architecture") != expected["architecture"]:
+        raise CheckpointError(f"{path} holds a {saved.get('architecture')} network, not a "
+                              f"{expected['architecture']}. Leave -architecture out to continue from it, or "
+                              f"pass a checkpoint of a {expected['architecture']}.")
+    different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if different:
+        lines = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in different.items())
+        raise CheckpointError(f"{path} holds a different network ({lines}). Use a checkpoint trained "
+                              f"for this task, or leave out (or set to match it) -channels, -num_res_units, "
+                              f"-deep_supervision and -patch_size, which otherwise come from its run.")
+
+
+def build_network(config, in_channels: int, num_classes: int, spacing: Sequence[float] | None,
+                  saved: dict | None = None, saved_path: str | Path | None = None,
+                  say: Callable = print) -> tuple[nn.Module, dict]:
+    """The network of `config` (utils/args.py's Config) for this data, and its model_config (what
+    checkpoints keep to rebuild it): a DynUNet is planned for the voxel `spacing` preprocessing
+    chose. With `saved` (the checkpoint at `saved_path`), it must be that checkpoint's network;
+    its weights are loaded unless it is being resumed (config.resume restores them later).
+    -fine_tune freezes all but the last layer."""
+    architecture = model_config(in_channels, num_classes, config.channels, config.num_res_units,
+                                config.architecture, config.patch_size, spacing, config.deep_supervision)
+    if config.architecture == "dynunet" and len(architecture["filters"]) != len(config.channels):
+        say(f"Note: the DynUNet planned for this patch and spacing has {len(architecture['filters'])} levels "
+            f"and -channels gives {len(config.channels)}, so its filters are {architecture['filters']}.")
+    model = build_model(architecture)
+    if saved is not None:
+        check_same_model(saved, architecture, saved_path)
+        if not config.resume:
+            model.load_state_dict(saved["model"])
+            say(f"Starting from the weights in {saved_path}")
+    if config.fine_tune:
+        trainable, total = freeze_all_but_last_layer(model)
+        say(f"Fine-tuning the last layer only: {trainable:,} trainable of {total:,} parameters")
+    else:
+        trainable, total = count_parameters(model)
+        say(f"Model: {describe(architecture)}, {total:,} parameters")
+    return model, architecture

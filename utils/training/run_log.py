@@ -1,6 +1,7 @@
 """What a training run writes as it goes, outside the Trainer's story: the epoch's line on the
 screen, metrics.csv, curves.png, TensorBoard event files, and at the end predictions.png and
-progress.gif. Only the first process of a torchrun job writes.
+progress.gif. Only the first process of a torchrun job writes. It keeps what these are drawn
+from: the epochs' rows (`history`) and the progress frames, which checkpoints save.
 
 TensorBoard: when the `tensorboard` package is installed (requirements.txt has it), each epoch's
 scalars (losses, Dice per class and mean, learning rate, peak memory) and, at the end, the
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm import tqdm
 
 from utils.files import written_atomically
-from utils.outputs.plots import plot_curves, plot_predictions, write_progress_gif
+from utils.outputs.plots import mid_slices, plot_curves, plot_predictions, write_progress_gif
+from utils.training.memory import peak_memory
 
 PICTURE_CASES = 3          # validation cases shown in predictions.png
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (0.3 s a drawing) and at the end
@@ -34,32 +37,51 @@ def tensorboard_writer(run_dir: Path, first_step: int):
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, class_names: Sequence[str], is_main: bool = True,
-                 tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, class_names: Sequence[str], device: torch.device,
+                 epochs: int | None = None, is_main: bool = True, tensorboard: bool = True):
         self.run_dir, self.class_names, self.is_main = Path(run_dir), list(class_names), is_main
+        self.device = device                    # whose peak memory each row gives
+        self.epochs = epochs                    # None when the time budget ends the run
         self.tensorboard = tensorboard
         self.writer = None                      # opened at the first epoch written
         self.curves_drawn = -float("inf")       # when curves.png was last drawn (monotonic s)
+        self.history: list[dict] = []           # one row of metrics.csv per epoch
+        self.progress_frames: list[list[torch.Tensor]] = []   # mid-slices of the first validation
+                                                              # case's prediction, after each epoch
 
     def say(self, text: str) -> None:
         if self.is_main:
             tqdm.write(text)
 
-    def epoch(self, history: list[dict], improved: bool, epoch_name: str, minutes: float) -> None:
-        """The line of the epoch just finished (history[-1]); metrics.csv rewritten, the curves
-        redrawn now and then, the TensorBoard scalars."""
+    def epoch_name(self, number: int) -> str:
+        """'epoch  12/100', or 'epoch  12' when the time budget, not -epochs, ends the run."""
+        return f"epoch {number:3d}" if self.epochs is None else f"epoch {number:3d}/{self.epochs}"
+
+    def epoch(self, epoch: int, train_loss: float, metrics: dict, lr: float, improved: bool, minutes: float,
+              extra: dict | None = None) -> dict:
+        """Record the epoch just finished and return its row of metrics.csv: losses, validation
+        Dice per class and mean, learning rate, the process's peak memory so far, and `extra`
+        columns (e.g. the mean teacher's). Prints its line, rewrites metrics.csv, redraws the
+        curves now and then, and writes the TensorBoard scalars."""
+        row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(metrics["loss"], 6),
+               **{f"dice_{name}": round(d, 6) for name, d in zip(self.class_names, metrics["dice"].tolist())},
+               "dice_mean": round(metrics["dice"].mean().item(), 6), "lr": lr, **peak_memory(self.device),
+               **(extra or {})}
+        self.history.append(row)
         if not self.is_main:
-            return
-        row = history[-1]
+            return row
+        # Only the mid-slices: checkpoints keep every epoch's frame.
+        self.progress_frames.append([torch.as_tensor(s).to(torch.uint8) for s in mid_slices(metrics["predictions"][0])])
         dice_text = " ".join(f"{name} {row[f'dice_{name}']:.4f}" for name in self.class_names)
-        self.say(f"{epoch_name}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+        self.say(f"{self.epoch_name(epoch)}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
                  f"Dice {dice_text}  mean {row['dice_mean']:.4f}  ({minutes:.1f} min)"
                  + ("  *best*" if improved else ""))
-        self.write_metrics_csv(history)
+        self.write_metrics_csv(self.history)
         # With 10-second epochs, drawing every epoch would cost 3 % of the training time.
         if time.monotonic() - self.curves_drawn >= CURVES_EVERY_SECONDS:
-            self.draw_curves(history)
+            self.draw_curves(self.history)
         self.write_scalars(row)
+        return row
 
     def write_metrics_csv(self, history: list[dict]) -> None:
         # Rewritten whole from the history every epoch, so after -resume it holds exactly the
@@ -95,11 +117,12 @@ class RunLog:
                 self.writer.add_scalar(f"memory/{key}", value, step)
         self.writer.flush()
 
-    def end(self, history: list[dict], metrics: dict, val_cases, progress_frames: list) -> None:
+    def end(self, metrics: dict, val_cases) -> None:
         """At the end of training: the curves, predictions.png (a few validation cases of the last
         validation) and progress.gif (the first of them across epochs)."""
         if not self.is_main:
             return
+        history, progress_frames = self.history, self.progress_frames
         self.draw_curves(history)
         shown = metrics["prediction_ids"][:PICTURE_CASES]
         cases = val_cases.subset(shown)
