@@ -119,7 +119,8 @@ def project_trainer(config, Nit: int):
     from utils.data.layouts import read_task
     from utils.training.environment import seed_everything
     from utils.training.networks import build_model, downsampling_factor, model_config
-    from utils.trainer_class import Trainer, make_loss, make_optimizer, memory_format
+    from utils.trainer_class import Trainer, make_optimizer, memory_format
+    from utils.training.losses import make_loss
 
     seed_everything(config.random_seed)
     info = read_task(config.data_dir)

@@ -139,7 +139,8 @@ def test_a_dynunet_with_deep_supervision_learns_from_unlabelled_scans(task_dir, 
     assert entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(tmp_path / "run"), "-device", "cpu",
                        "-batch_size", "2", "-Nit", "2", "-epochs", "1", "-architecture", "dynunet",
                        "-channels", "4", "8", "-patch_size", "32", "32", "32", "-mean_teacher", "True",
-                       "-labelled_fraction", "0.5", "-consistency_rampup", "0"]) == 0
+                       # fp32: in bf16 this tiny network's loss became NaN once in 4 runs on a loaded machine
+                       "-labelled_fraction", "0.5", "-consistency_rampup", "0", "-mixed_precision", "False"]) == 0
     assert float(learning_figures(tmp_path / "run")[0]["consistency_loss"]) > 0
 
 
