@@ -21,25 +21,23 @@ import torch
 
 from utils.args import (Config, command_line, for_device, layered, options, parse_args, refuse_mode_combinations,
                         refuse_options_that_do_not_apply)
-from utils.data.cache import load_cases
-from utils.data.layouts import read_data
 from utils.data.preprocessing import Preprocessing
 from utils.data_class import build_data
-from utils.errors import CheckpointError, UserError
+from utils.errors import UserError
 from utils.experiments.lr_finder import find_learning_rate
 from utils.experiments.sweep import run_sweep
 from utils.files import read_json, write_json
-from utils.inference.evaluation import amp_dtype, autocast_for, evaluate, precision_name, write_evaluation
+from utils.inference.evaluate_run import evaluate_checkpoint, write_run_report
+from utils.inference.evaluation import autocast_for, precision_name, precision_note
 from utils.inference.prediction import predict_files
-from utils.outputs.report import failure_cases, write_report, write_run_report
 from utils.trainer_class import NonFiniteLossError, Trainer, make_optimizer, memory_format
-from utils.training.checkpoint import load_checkpoint, resumable_run, run_info, trained_model
+from utils.training.checkpoint import claim_run_folder, load_checkpoint, resumable_run, run_info, trained_model
 from utils.training.distributed import Place, barrier, start, stop, wrap
 from utils.training.environment import choose_device, seed_everything, versions
 from utils.training.losses import class_weights_of_run, make_loss
 from utils.training.memory import describe_peak, peak_memory, reset_peak
 from utils.training.networks import build_network, check_network_options, downsampling_factor, training_outputs
-from utils.training.semi_supervised import MeanTeacher, MeanTeacherTerm
+from utils.training.semi_supervised import mean_teacher_term
 
 
 def prepare_training(config: Config, place: Place, after_epoch: Callable[[dict], None] | None = None
@@ -58,20 +56,12 @@ def prepare_training(config: Config, place: Place, after_epoch: Callable[[dict],
     refuse_options_that_do_not_apply(config)
     check_network_options(config.architecture, config.channels, config.patch_size)
     config = for_device(config, place.device.type)      # e.g. the batch size, if not given
-    run_dir = Path(config.best_models_dir)
-    if not config.resume and not config.lr_find and (run_dir / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
-                        f"Continue it with -resume True, or choose another -best_models_dir.")
     if place.device.type == "cuda":
         # Every training batch has one shape (the crop), so cuDNN's search for its fastest
         # kernels pays off; validation adds only a few window shapes.
         torch.backends.cudnn.benchmark = True
     seed_everything(config.random_seed + place.rank)   # each process augments differently
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"Cannot create the run folder -best_models_dir {run_dir} ({error.strerror}). "
-                        f"Choose a folder you can write to.") from None
+    run_dir = claim_run_folder(config.best_models_dir, continuing=config.resume or config.lr_find)
 
     resumed = saved if config.resume else None
     data = build_data(config, place, resumed, say)
@@ -79,10 +69,7 @@ def prepare_training(config: Config, place: Place, after_epoch: Callable[[dict],
                                         data.preprocessing.spacing, saved,
                                         run_dir / "last.pt" if config.resume else config.train_from_checkpoint, say)
     say(f"Device {place.device}, precision {precision_name(place.device, config.mixed_precision)}, batch "
-        f"{config.batch_size}" + (" per process" if place.distributed else ""))
-    if config.mixed_precision and amp_dtype(place.device) is None:
-        say("Note: this CPU has no native bf16 (it needs AVX-512), so -mixed_precision is off and "
-            "training runs in fp32, about 10x faster here than emulated bf16.")
+        f"{config.batch_size}" + (" per process" if place.distributed else "") + precision_note(place.device, config))
     model.to(place.device, memory_format=memory_format(config))
     optimizer = make_optimizer(model, config)
     wrapped = wrap(model, place)           # DDP under torchrun, the network itself otherwise
@@ -91,12 +78,9 @@ def prepare_training(config: Config, place: Place, after_epoch: Callable[[dict],
     unlabelled = data.unlabelled_loader
     info = run_info(data, architecture, weights, unlabelled.dataset.cases.ids if unlabelled is not None else None)
     loss = make_loss(config.loss, weights["class_weights"], training_outputs(architecture))
-    consistency = None
-    if config.mean_teacher:
-        teacher = MeanTeacher(model, config.consistency_weight, config.consistency_rampup, config.ema_decay,
-                              config.consistency_loss, config.pseudo_label_threshold)
-        consistency = MeanTeacherTerm(wrapped, optimizer, unlabelled, teacher, autocast_for(place.device,
-                                      config.mixed_precision), place.device, memory_format(config), config.random_seed)
+    consistency = None if not config.mean_teacher else mean_teacher_term(
+        config, model, wrapped, optimizer, unlabelled, autocast_for(place.device, config.mixed_precision),
+        place.device, memory_format(config))
     trainer = Trainer(wrapped, loss, optimizer, data.loader, data.val_cases, config, run_dir, place.device,
                       data.info.foreground_names, info, place, after_epoch=after_epoch, extra_loss=consistency)
     if resumed is not None:
@@ -154,31 +138,6 @@ def checkpoint_path(config: Config) -> Path:
     return Path(config.train_from_checkpoint or Path(config.best_models_dir) / "best.pt")
 
 
-def evaluate_checkpoint(config: Config) -> Path:
-    """Measure a checkpoint on its run's validation (or training) cases, with and without
-    post-processing; write a per-case CSV, a summary and report.html next to the checkpoint."""
-    device, path = choose_device(config.device), checkpoint_path(config)
-    model, state = trained_model(path, device)
-    data = layered(config.typed, config.to_dict(), state["config"])     # the run's data, unless typed
-    info = read_data(data.data_dir, config.task, config.google_id, data.label_names)
-    if info.num_classes != state["model_config"]["out_channels"]:
-        raise CheckpointError(f"{path} predicts {state['model_config']['out_channels']} classes but "
-                              f"{info.task_dir} has {info.num_classes}. Use a checkpoint of this task.")
-    cases, _ = load_cases(info, downsampling_factor(state["model_config"]),
-                          preprocessing=Preprocessing.from_dict(state["preprocessing"]), cache_dir=data.cache_dir)
-    cases = cases.subset(state["split"][config.evaluate_split])
-    evaluation = evaluate(model, cases, device, autocast_for(device, config.mixed_precision), info.foreground_names,
-                          distances=True, also_postprocessed=True, mirror=config.tta,  # one inference, scored both ways
-                          roi_size=state["config"]["patch_size"])
-    write_evaluation(evaluation, cases, config.evaluate_split, path)
-    report = write_report(path.parent, info.foreground_names,
-                          failure_cases(evaluation, cases, config.evaluate_split),
-                          {"split": config.evaluate_split, "checkpoint": path, "cases": len(cases),
-                           "summary": {False: evaluation["summary"], True: evaluation["postprocessed"]["summary"]}})
-    print(f"Report: {report}")
-    return path.parent
-
-
 def predict(config: Config) -> int:
     """Segment -predict (a file or folder) into -predictions_dir; 1 if any file failed."""
     device = choose_device(config.device)
@@ -198,7 +157,10 @@ def run(config: Config) -> int:
     if config.predict is not None:
         return predict(config)
     if config.evaluate:
-        evaluate_checkpoint(config)
+        path = checkpoint_path(config)           # its run's data, unless this command names other data
+        data = layered(config.typed, config.to_dict(), load_checkpoint(path)["config"])
+        evaluate_checkpoint(path, data, config.evaluate_split, choose_device(config.device), config.mixed_precision,
+                            config.tta)
         return 0
     place = start(choose_device(config.device))
     if place.distributed and (config.sweep is not None or config.lr_find):

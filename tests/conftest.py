@@ -103,7 +103,6 @@ def fp16_on_cpu(monkeypatch):
     fp16 = lambda device: torch.float16
     monkeypatch.setattr("utils.inference.evaluation.amp_dtype", fp16)
     monkeypatch.setattr("utils.trainer_class.amp_dtype", fp16)
-    monkeypatch.setattr("main.amp_dtype", fp16)
 
 
 @pytest.fixture
@@ -132,3 +131,9 @@ def in_a_temporary_folder(tmp_path, monkeypatch):
     """Run each test in its own folder, so that relative default paths (-cache_dir preprocessed,
     -predictions_dir predictions) land there and not in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs main.py in subprocesses (torchrun, kill -9, several sweep "
+                                       "processes, the notebook, every network end to end); "
+                                       "`python -m pytest -q -m \"not slow\"` leaves them out")

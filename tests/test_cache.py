@@ -74,6 +74,7 @@ cache.load_cases(read_task({task!r}), 4, progress=False, cache_dir={cache!r})
 """
 
 
+@pytest.mark.slow
 def test_a_cache_killed_half_way_is_never_read_and_is_rebuilt(task_dir, tmp_path):
     root = tmp_path / "cache"
     script = BUILD_AND_DIE.format(root=str(ROOT), task=str(task_dir), cache=str(root))
@@ -122,6 +123,7 @@ print(peak - start)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and glibc")
 def test_training_from_the_cache_keeps_memory_bounded_by_the_batch_not_the_data(tmp_path):
     """A data set of 24 cases of 64^3 float32 (24 MB of images in the cache) against a budget of

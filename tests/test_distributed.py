@@ -76,6 +76,7 @@ def torchrun(*options, script=(str(ROOT / "main.py"),)):
                           cwd=Path.cwd(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
     task = write_task(tmp_path / "data", n_cases=10)
     base = tmp_path / "single"
@@ -112,6 +113,7 @@ def test_two_processes_train_and_agree_with_a_single_process(tmp_path):
                        "-train_from_checkpoint", str(run / "best.pt")]) == 0
 
 
+@pytest.mark.slow
 def test_resume_and_fine_tune_under_torchrun(tmp_path):
     task = write_task(tmp_path / "data", n_cases=10)
     common = ["-data_dir", str(task), *TINY, "-train_val_ratio", "0.6", "-fine_tune", "True"]
@@ -138,6 +140,7 @@ def test_resume_and_fine_tune_under_torchrun(tmp_path):
     assert changed == last                                                   # still only the last layer
 
 
+@pytest.mark.slow
 def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
     task = write_task(tmp_path / "data", n_cases=10)
     done = torchrun("nan_in_rank_1", "3", "-data_dir", str(task), *TINY, "-train_val_ratio", "0.6",
@@ -158,6 +161,7 @@ def test_a_prefixed_checkpoint_loads(tmp_path):
     assert not any(k.startswith("module.") for k in load_checkpoint(tmp_path / "prefixed.pt")["model"])
 
 
+@pytest.mark.slow
 def test_a_dynunet_with_deep_supervision_trains_under_torchrun(tmp_path):
     # Its training outputs are stacked heads; every head's parameters get gradients in each
     # process, so DDP's gradient averaging covers them all.

@@ -124,6 +124,7 @@ def test_sweep_options_without_a_sweep_are_refused(task_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- sweeps
 
 
+@pytest.mark.slow
 def test_a_two_trial_grid_gives_two_ordinary_runs_a_table_a_picture_and_the_best_command(task_dir, tmp_path, capsys):
     space = write_space(tmp_path, {"lr": [0.02, 0.05]})
     out_dir = tmp_path / "sweep"
@@ -187,6 +188,7 @@ def test_the_median_pruner_is_fed_every_epochs_mean_dice(task_dir, tmp_path):
     assert isinstance(sweep.make_pruner(), optuna.pruners.MedianPruner)
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_continues_without_running_finished_trials_again(task_dir, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "sweep"
     command = ["-sweep", write_space(tmp_path, {"lr": [0.01, 0.02, 0.05]})]
@@ -208,6 +210,7 @@ def test_an_interrupted_sweep_continues_without_running_finished_trials_again(ta
     assert len(rows) == 4
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_and_never_run_a_point_twice(task_dir, tmp_path):
     out_dir = tmp_path / "sweep"
     space = write_space(tmp_path, {"lr": [0.01, 0.02, 0.03, 0.04]})
@@ -281,6 +284,7 @@ def test_journal_storage_for_a_shared_folder(tmp_path):
         sweep.make_storage("nosuchdb://x", tmp_path)
 
 
+@pytest.mark.slow
 def test_a_trial_whose_process_died_is_failed_and_run_again(task_dir, tmp_path, monkeypatch):
     out_dir = tmp_path / "sweep"
     space = write_space(tmp_path, {"lr": [0.02, 0.05]})

@@ -128,6 +128,7 @@ def test_cuda_requested_without_a_gpu(task_dir, tmp_path, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_in_a_subprocess(task_dir, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "-data_dir", str(task_dir), "-best_models_dir",
                            str(tmp_path / "run"), *TINY], cwd=Path.cwd(), capture_output=True, text=True, timeout=300)

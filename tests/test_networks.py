@@ -42,6 +42,7 @@ def last_layer_keys(config: dict) -> set[str]:
             for p, _ in module.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_every_network_trains_resumes_fine_tunes_evaluates_and_predicts(name, task_dir, tmp_path, capsys):
     run = tmp_path / "run"

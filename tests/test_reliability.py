@@ -51,6 +51,7 @@ def reference(tmp_path_factory):
     ("kill_in_save", 3),   # half-way through writing epoch 1's last.pt
     ("kill_in_save", 5),   # half-way through writing epoch 2's last.pt (or best.pt)
 ])
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path, fault, when):
     task, whole = reference
     run = tmp_path / "run"
@@ -65,6 +66,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path, 
     assert not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_prints_how_to_resume_and_exits_non_zero(tmp_path):
     task = write_task(tmp_path / "data")
     run = tmp_path / "run"

@@ -3,6 +3,7 @@ import dataclasses
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, config_from_dict
 from utils.training.checkpoint import load_checkpoint
 from utils.data.cache import load_cases
 from utils.data_class import split_cases, train_loader
+
+PACKAGE = str(Path(__file__).resolve().parents[1] / "utils")
 from utils.data.layouts import read_task
 from utils.training.losses import segmentation_loss
 from utils.training.networks import build_model, downsampling_factor, model_config, training_outputs
+from utils.training.semi_supervised import MeanTeacher, MeanTeacherTerm
 from utils.trainer_class import NonFiniteLossError, Trainer, make_optimizer, memory_format
 from utils.training.losses import make_loss
 
@@ -147,6 +151,38 @@ def test_the_loss_is_read_back_every_step_only_without_a_scaler(task_dir, tmp_pa
     monkeypatch.setattr(torch.Tensor, "item", counted_item)
     trainer.train_one_epoch()
     assert len(reads) <= 2 if fp16 else len(reads) >= 6        # at the epoch's end only / every step
+
+
+def test_with_the_mean_teacher_no_step_waits_for_the_device(task_dir, tmp_path, monkeypatch):
+    """Under fp16 no code of the package reads a device value per step: neither a loss (item())
+    nor the scaler's scale (get_scale(), which the teacher's step count used to read twice a
+    step). The teacher still counts exactly the steps taken, through the optimizer's step hook."""
+    monkeypatch.setattr("utils.inference.evaluation.amp_dtype", lambda device: torch.float16)
+    monkeypatch.setattr("utils.trainer_class.amp_dtype", lambda device: torch.float16)
+    trainer = make_trainer(task_dir, tmp_path / "run", mixed_precision=True, Nit=6)
+    unlabelled = train_loader(trainer.val_cases, 2, 6, True, 0, 5, trainer.config.patch_size)
+    teacher = MeanTeacher(trainer.network, 0.1, 0.0, 0.99, "mse", 0.9)
+    trainer.extra_loss = MeanTeacherTerm(trainer.model, trainer.optimizer, unlabelled, teacher, trainer.autocast,
+                                         trainer.device, memory_format(trainer.config), 0)
+    reads = []
+    item, get_scale = torch.Tensor.item, torch.amp.GradScaler.get_scale
+
+    def ours(frame) -> bool:
+        return frame.f_code.co_filename.startswith(PACKAGE)
+
+    def counted_item(self):
+        reads.append(("item", sys._getframe(1).f_code.co_name)) if ours(sys._getframe(1)) else None
+        return item(self)
+
+    def counted_get_scale(self):
+        reads.append(("get_scale", sys._getframe(1).f_code.co_name)) if ours(sys._getframe(1)) else None
+        return get_scale(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", counted_get_scale)
+    trainer.train_one_epoch()
+    assert reads == [("item", "train_one_epoch")] * 2                # the epoch's mean, at its end
+    assert trainer.extra_loss.steps == 6                            # every step of the 6 was taken
 
 
 def test_an_epoch_of_only_non_finite_losses_stops_even_with_a_scaler(task_dir, tmp_path, fp16_on_cpu):

@@ -9,10 +9,8 @@ meets the original label; distances are in mm, from the voxel spacing.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import warnings
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +23,6 @@ from torch import nn
 
 from utils.data.augmentation import LEFT_RIGHT
 from utils.data.cache import Cases
-from utils.files import written_atomically
 from utils.training.distributed import Place, gather
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -60,6 +57,14 @@ def precision_name(device: torch.device, mixed_precision: bool) -> str:
     dtype = amp_dtype(device) if mixed_precision else None
     return {torch.float16: "fp16 autocast with a GradScaler", torch.bfloat16: "bf16 autocast",
             None: "fp32"}[dtype]
+
+
+def precision_note(device: torch.device, config) -> str:
+    """Why -mixed_precision trains in fp32 on a CPU without native bf16 (on a new line), or ""."""
+    if config.mixed_precision and amp_dtype(device) is None:
+        return ("\nNote: this CPU has no native bf16 (it needs AVX-512), so -mixed_precision is off and "
+                "training runs in fp32, about 10x faster here than emulated bf16.")
+    return ""
 
 
 def autocast_for(device: torch.device, enabled: bool) -> Autocast:
@@ -219,29 +224,3 @@ def evaluate(model: nn.Module, cases: Cases, device: torch.device, autocast: Aut
         result["postprocessed"] = scored("postprocessed")
     return result
 
-
-def write_evaluation(evaluation: dict, cases: Cases, split: str, checkpoint: Path) -> Path:
-    """-evaluate's files beside `checkpoint`: evaluation_<split>.csv (per case, raw and
-    post-processed) and evaluation_<split>_summary.csv (mean, std and the cases each is over);
-    printed as a table. Returns the CSV's path without its suffix."""
-    rows, summary_rows = [], []
-    for postprocessed, result in ((False, evaluation), (True, evaluation["postprocessed"])):
-        rows += [{"postprocessed": postprocessed, **row} for row in result["rows"]]
-        summary_rows += [{"postprocessed": postprocessed, "metric": key.split("_", 1)[0],
-                          "class": key.split("_", 1)[1], "mean": round(mean, 4), "std": round(std, 4),
-                          "cases": measured}
-                         for key, (mean, std, measured) in result["summary"].items()]
-    stem = checkpoint.parent / f"evaluation_{split}"
-    for rows_, file in ((rows, f"{stem}.csv"), (summary_rows, f"{stem}_summary.csv")):
-        with written_atomically(file, newline="") as handle:     # an earlier evaluation stays whole
-            writer = csv.DictWriter(handle, fieldnames=list(rows_[0]))
-            writer.writeheader()
-            writer.writerows(rows_)
-    print(f"{len(cases)} {split} cases of {checkpoint} (mean ± std; distances in mm):")
-    for row in summary_rows:
-        undefined = len(cases) - row["cases"]     # e.g. a distance to a class the prediction misses
-        print(f"  {'post-processed' if row['postprocessed'] else 'raw':>14}  {row['metric']:>4} "
-              f"{row['class']:<10} {row['mean']:.4f} ± {row['std']:.4f}"
-              + (f"  (over {row['cases']} cases: undefined for {undefined})" if undefined else ""))
-    print(f"Per-case results: {stem}.csv; summary: {stem}_summary.csv")
-    return stem

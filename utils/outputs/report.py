@@ -24,8 +24,6 @@ import torch
 from matplotlib.figure import Figure
 
 from utils.files import written_atomically
-from utils.inference.evaluation import evaluate
-from utils.training.checkpoint import trained_model
 from utils.outputs.plots import LABEL_COLOURS, VIEWS, plot_curves
 
 STYLE = """
@@ -271,21 +269,3 @@ def write_sweep_report(sweep_dir: str | Path, rows: Sequence[dict], space: dict)
         file.write(page)
     return path
 
-
-def write_run_report(trainer, evaluate_best: bool) -> None:
-    """report.html at the end of a training run (`trainer`, utils/trainer_class.py). After a run
-    that ended normally, with best.pt's predictions of the validation cases for "where it fails"
-    (one more validation); after Ctrl-C or an error, without them, at once. A report that cannot
-    be written is reported, never raised over what stopped the run."""
-    try:
-        failures = None
-        if evaluate_best and (trainer.run_dir / "best.pt").is_file():
-            model, _ = trained_model(trainer.run_dir / "best.pt", trainer.device)
-            result = evaluate(model, trainer.val_cases, trainer.device, trainer.autocast, trainer.class_names,
-                              mirror=trainer.config.tta, roi_size=trainer.config.patch_size)
-            failures = failure_cases(result, trainer.val_cases, "validation")
-        path = write_report(trainer.run_dir, trainer.class_names, failures)
-        trainer.say(f"Report: {path}")
-    except Exception as error:          # e.g. out of memory, a full disk: the checkpoints are saved
-        trainer.say(f"Note: report.html was not written ({type(error).__name__}: {error}). Write it with "
-                    f"-evaluate True -best_models_dir {trainer.run_dir}.")

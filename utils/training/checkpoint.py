@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, UserError
 from utils.files import written_atomically
 from utils.training.distributed import gather
 from utils.training.networks import build_model
@@ -99,6 +99,21 @@ def run_info(data, model_config: dict, class_weights: dict, unlabelled_ids: list
             "label_names": {str(k): v for k, v in data.info.label_names.items()},
             "fingerprint": data.cases.fingerprint,      # spacings, shapes, intensities; target_spacing
             **class_weights}
+
+
+def claim_run_folder(run_dir: str | Path, continuing: bool) -> Path:
+    """The run folder, created; a new run (not `continuing` one) is refused a folder that already
+    holds a run, whose checkpoints it would overwrite."""
+    run_dir = Path(run_dir)
+    if not continuing and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run (last.pt); starting over would overwrite it. "
+                        f"Continue it with -resume True, or choose another -best_models_dir.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create the run folder -best_models_dir {run_dir} ({error.strerror}). "
+                        f"Choose a folder you can write to.") from None
+    return run_dir
 
 
 def resumable_run(run_dir: str | Path) -> dict:

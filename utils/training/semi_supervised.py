@@ -152,6 +152,17 @@ class MeanTeacherTerm:
         self.loader.generator.set_state(state["unlabelled"]["loader"])
 
 
+def mean_teacher_term(config, network: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      unlabelled_loader, autocast, device: torch.device,
+                      memory_format: torch.memory_format) -> MeanTeacherTerm:
+    """-mean_teacher's term of the loss, as `config` (utils/args.py's Config) sets it: a teacher
+    copied from `network`, and the student `model` (the network, or its DDP wrapper)."""
+    teacher = MeanTeacher(network, config.consistency_weight, config.consistency_rampup, config.ema_decay,
+                          config.consistency_loss, config.pseudo_label_threshold)
+    return MeanTeacherTerm(model, optimizer, unlabelled_loader, teacher, autocast, device, memory_format,
+                           config.random_seed)
+
+
 def unlabelled_pool(cases, labelled_pool, scans, validation_ids: list[str], resumed_ids: list[str] | None, say):
     """The scans the mean teacher learns from: the training cases whose labels are set aside
     (-labelled_fraction) and the -unlabelled_dir scans, or, with neither, the training scans
