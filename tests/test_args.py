@@ -1,10 +1,11 @@
-import pytest
-
 import dataclasses
 import json
+from pathlib import Path
 
-from utils.args import (Config, build_parser, config_from_dict, declared, for_device, layered, options, parse_args,
-                        refuse_mode_combinations, refuse_options_that_do_not_apply, str2bool)
+import pytest
+
+from utils.args import (Config, build_parser, config_from_dict, declared, for_device, layered, options, options_table,
+                        parse_args, refuse_mode_combinations, refuse_options_that_do_not_apply, str2bool)
 from utils.errors import UserError
 
 
@@ -211,3 +212,10 @@ def test_every_option_that_takes_a_value_refuses_a_bad_one(capsys):
         with_others = argv + (["16"] if option == "-channels" else [])
         error = usage_error(with_others, capsys)
         assert option in error and "error:" in error, option
+
+
+def test_the_options_page_is_made_from_the_declarations():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    assert options_table() in page, ("docs/options.md's table is out of date: replace it with the output of "
+                                     "python -c 'from utils.args import options_table; print(options_table())'")
+    assert all(f"| -{name} |" in options_table() for name in options())

@@ -1,4 +1,5 @@
-"""Checkpoint helpers: random-generator states restored across machines; files written whole."""
+"""Checkpoints: one format version, older ones upgraded in one place; random-generator states
+restored across machines; files written whole."""
 import os
 import random
 
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.training.checkpoint import rng_states, set_rng_states
+import main as entry
+from utils.errors import CheckpointError
+from utils.training.checkpoint import FORMAT_VERSION, load_checkpoint, rng_states, set_rng_states
 from utils.files import current_umask, written_atomically
 
 
@@ -53,3 +56,31 @@ def test_a_file_written_atomically_is_whole_or_the_previous_one(tmp_path):
         second.write("second")
     assert path.read_text() == "first" and os.listdir(tmp_path) == ["metrics.csv"]   # the last rename wins
     assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def small_run(task_dir, run_dir) -> int:
+    return entry.main(["-data_dir", str(task_dir), "-best_models_dir", str(run_dir), "-device", "cpu", "-epochs", "1",
+                       "-Nit", "1", "-batch_size", "2", "-channels", "4", "8", "-num_res_units", "0",
+                       "-patch_size", "16", "16", "16", "-mixed_precision", "False"])
+
+
+def test_a_version_1_checkpoint_is_upgraded_where_it_is_read_and_others_are_refused(task_dir, tmp_path, capsys):
+    assert small_run(task_dir, tmp_path / "run") == 0
+    now = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert now["format_version"] == FORMAT_VERSION
+    # Version 1 (no version recorded) as the oldest checkpoints wrote it: a U-Net without its
+    # name, no training extent, no labelled share, no unlabelled scans.
+    old = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    for key in ("format_version", "training_extent_mm", "labelled", "unlabelled_ids"):
+        del old[key]
+    for key in ("architecture", "input_divisor"):
+        del old["model_config"][key]
+    torch.save(old, tmp_path / "old.pt")
+    upgraded = load_checkpoint(tmp_path / "old.pt")
+    assert upgraded["model_config"] == now["model_config"] and upgraded["format_version"] == FORMAT_VERSION
+    assert upgraded["labelled"] == now["split"]["train"] and upgraded["unlabelled_ids"] is None
+    assert upgraded["training_extent_mm"] == [float(side) for side in now["preprocessing"]["target_shape"]]
+    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(tmp_path / "old.pt")]) == 0
+    torch.save({**old, "format_version": FORMAT_VERSION + 1}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}; this program reads versions 1"):
+        load_checkpoint(tmp_path / "new.pt")

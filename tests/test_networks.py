@@ -123,17 +123,6 @@ def test_downsampling_factor_is_the_largest_input_multiple(name, channels, patch
     assert downsampling_factor(config) == max(input_multiples(name, channels, patch)) == divisor
 
 
-def test_a_checkpoint_from_before_architectures_loads_as_a_unet(task_dir, tmp_path):
-    assert train(task_dir, tmp_path / "run", *NETWORKS["unet"]) == 0
-    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    for key in ("architecture", "input_divisor"):
-        del state["model_config"][key]
-    old = tmp_path / "old.pt"
-    torch.save(state, old)
-    assert load_checkpoint(old)["model_config"] == load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]
-    assert entry.main(["-evaluate", "True", "-train_from_checkpoint", str(old)]) == 0
-
-
 # ---------------------------------------------------------------- refusals
 
 

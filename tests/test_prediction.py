@@ -204,14 +204,13 @@ def test_a_scan_far_larger_than_the_training_volumes_is_predicted_with_a_warning
 
 
 def test_the_extent_follows_the_canonical_axes_of_the_training_shape(tmp_path):
-    from utils.data.preprocessing import Preprocessing
     from utils.inference.prediction import extent_mm, field_of_view_warning, read_volume
     scan(tmp_path / "odd.nii.gz", affine=ODD_AFFINE)           # voxel axes (11, 17, 9) run along y, x, z
     image = read_volume(tmp_path / "odd.nii.gz", in_channels=1)
     assert extent_mm(image) == pytest.approx((17 * 1.2, 11 * 0.9, 9 * 1.5))
     # Taken in the file's own voxel order, (9.9, 20.4, 13.5) mm, the two verdicts would swap.
-    assert field_of_view_warning(tmp_path / "odd.nii.gz", image, Preprocessing((12, 6, 8))) is None
-    warning = field_of_view_warning(tmp_path / "odd.nii.gz", image, Preprocessing((6, 12, 8)))
+    assert field_of_view_warning(tmp_path / "odd.nii.gz", image, (12.0, 6.0, 8.0)) is None
+    warning = field_of_view_warning(tmp_path / "odd.nii.gz", image, (6.0, 12.0, 8.0))
     assert warning and "covers 20 x 10 x 14 mm" in warning and "the 6 x 12 x 8 mm" in warning
 
 

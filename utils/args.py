@@ -193,7 +193,8 @@ class Config:
                          TRAINING, type=positive_int)
     Nit: int | None = option(None, "iterations per epoch; None means one pass over the training set", TRAINING,
                              type=optional(positive_int))
-    lr: float = option(0.01, "initial learning rate", TRAINING, type=positive_float)
+    lr: float = option(0.01, "initial learning rate of SGD (Nesterov momentum), decayed to 0 as nnU-Net's poly "
+                        "schedule over -epochs, or over -max_minutes if that comes first", TRAINING, type=positive_float)
     momentum: float = option(0.99, "SGD (Nesterov) momentum", TRAINING, type=momentum_value)
     weight_decay: float = option(3e-5, "SGD weight decay", TRAINING, type=non_negative_float)
     early_stopping: int | None = option(None, "patience in epochs; None disables it", TRAINING,
@@ -205,7 +206,8 @@ class Config:
     channels_last: bool = flag(True, "keep weights and batches in the channels_last_3d memory layout, which "
                                "measured 1.14x faster fp32 training steps on a CPU, and no slower in bf16 "
                                "(benchmarks/README.md)", TRAINING)
-    augment: bool = flag(True, "random augmentation of training samples", TRAINING)
+    augment: bool = flag(True, "random augmentation of training batches: crops of -patch_size, left-right flips, "
+                         "rotations and scalings, brightness and noise", TRAINING)
     random_seed: int = option(42, "seed of every random generator", TRAINING, type=seed_value, kept_on_resume=True)
     device: str = option("auto", "where to train; auto picks cuda when available", TRAINING,
                          choices=["auto", "cpu", "cuda"], machine=True)
@@ -249,8 +251,10 @@ class Config:
                                   sweepable=False, machine=True)
     train_from_checkpoint: str | None = option(None, "path of weights to start from; None means random weights",
                                                CHECKPOINTS, type=optional(existing_file))
-    fine_tune: bool = flag(False, "train only the last layer, freezing all others", CHECKPOINTS)
-    resume: bool = flag(False, "continue the interrupted run in -best_models_dir from its last.pt", CHECKPOINTS,
+    fine_tune: bool = flag(False, "train only the last layer (the one that produces the class scores, per network: "
+                          "docs/networks-and-losses.md), freezing all others", CHECKPOINTS)
+    resume: bool = flag(False, "continue the interrupted run in -best_models_dir from its last.pt, exactly where it "
+                        "stopped", CHECKPOINTS,
                         mode=True, sweepable=False)
     # -- evaluation and prediction
     evaluate: bool = flag(False, "evaluate -train_from_checkpoint (default: <best_models_dir>/best.pt) on its run's "
@@ -354,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(f"-{field.name}", type=meta["type"], nargs=meta["nargs"], choices=meta["choices"],
                            metavar=meta["metavar"], help=help_text.replace("%", "%%"), **extra)
     return parser
+
+
+def options_table() -> str:
+    """docs/options.md's table, from the declarations: each option, its default and its help."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for field in declared():
+        text = field.metadata["help"]
+        default = DEFAULTS[field.name]
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        if text.endswith(")") and "(default: " in text:       # a default the help explains itself
+            text, shown = text[:text.rindex("(default: ")].rstrip(), text[text.rindex("(default: ") + 10:-1]
+        rows.append(f"| -{field.name} | {shown} | {text} |".replace("\n", " "))
+    return "\n".join(rows) + "\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:

@@ -29,9 +29,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # is mostly anatomy the model never saw, where its labels mean nothing. 2x leaves room for a
 # somewhat looser crop without a warning.
 FIELD_OF_VIEW_FACTOR = 2.0
-# Checkpoints keep the training scans' largest extent in mm ("training_extent_mm"); for one
-# written before they did, the training shape is read as voxels of Task04's spacing, 1 mm.
-TRAINING_SPACING_MM = 1.0
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -89,10 +86,9 @@ def extent_mm(image: tio.Image) -> tuple[float, float, float]:
     return tuple(extent)
 
 
-def field_of_view_warning(file: Path, image: tio.Image, preprocessing: Preprocessing,
-                          training_extent_mm: Sequence[float] | None = None) -> str | None:
-    """A sentence for a scan far larger than the training volumes on some axis, else None."""
-    training = training_extent_mm or [side * TRAINING_SPACING_MM for side in preprocessing.target_shape]
+def field_of_view_warning(file: Path, image: tio.Image, training: Sequence[float]) -> str | None:
+    """A sentence for a scan far larger on some axis than the training volumes (`training`, their
+    largest extent in mm, the checkpoint's "training_extent_mm"), else None."""
     scan = extent_mm(image)
     if all(side <= FIELD_OF_VIEW_FACTOR * limit for side, limit in zip(scan, training)):
         return None
@@ -149,7 +145,7 @@ def predict_files(model: nn.Module, path: str | Path, out_dir: str | Path, prepr
             failures.append((file, str(reason)))
             tqdm.write(f"skipped {file}: {reason}")
             continue
-        warning = field_of_view_warning(file, image, preprocessing, training_extent_mm)
+        warning = None if training_extent_mm is None else field_of_view_warning(file, image, training_extent_mm)
         if warning:
             tqdm.write(warning)
         label = predict_volume(model, image, preprocessing, divisor, device, autocast, num_classes,
