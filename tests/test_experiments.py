@@ -35,33 +35,6 @@ def write_space(tmp_path, space: dict) -> str:
     return str(path)
 
 
-# ---------------------------------------------------------------- memory and TensorBoard
-
-
-def test_every_run_records_its_peak_memory_per_epoch_at_the_end_and_in_its_last_line(task_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert run_main(task_dir, run) == 0
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    peaks = [float(row["peak_rss_mb"]) for row in rows]
-    assert len(peaks) == 2 and 50 < peaks[0] <= peaks[1] < 20_000          # a process peak only grows
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["peak_memory"]["peak_rss_mb"] >= peaks[-1] and saved["epochs_trained"] == 2
-    assert f"peak memory {saved['peak_memory']['peak_rss_mb']:.0f} MB (RSS)" in capsys.readouterr().out.splitlines()[-1]
-
-
-def test_tensorboard_gets_each_epochs_scalars_and_the_predictions(task_dir, tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run = tmp_path / "run"
-    assert run_main(task_dir, run, "-epochs", "3") == 0
-    events = EventAccumulator(str(run)).Reload()
-    assert [e.step for e in events.Scalars("dice/mean")] == [1, 2, 3]
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert [round(e.value, 5) for e in events.Scalars("dice/Anterior")] == [round(float(r["dice_Anterior"]), 5) for r in rows]
-    assert {"lr", "memory/peak_rss_mb"} <= set(events.Tags()["scalars"])
-    assert events.Tags()["images"] == ["predictions"]
-
-
 # ---------------------------------------------------------------- the range test
 
 

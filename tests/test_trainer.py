@@ -249,28 +249,6 @@ def test_training_loop_writes_checkpoints_and_metrics(task_dir, tmp_path):
     assert (run / "progress.gif").stat().st_size > 0 and (run / "predictions.png").is_file()
 
 
-def test_curves_are_redrawn_at_most_every_interval_and_after_the_last_epoch(task_dir, tmp_path, monkeypatch):
-    drawn = []
-    monkeypatch.setattr("utils.training.run_log.plot_curves", lambda history, names, path: drawn.append(len(history)))
-    make_trainer(task_dir, tmp_path / "run", epochs=4).training_loop()
-    assert drawn == [1, 4]          # quick epochs: the first, then the whole run at the end
-    drawn.clear()
-    monkeypatch.setattr("utils.training.run_log.CURVES_EVERY_SECONDS", 0)
-    make_trainer(task_dir, tmp_path / "run2", epochs=3).training_loop()
-    assert drawn == [1, 2, 3, 3]
-
-
-def test_epoch_lines_give_the_number_of_epochs_only_when_epochs_end_the_run(task_dir, tmp_path, capsys):
-    trainer = make_trainer(task_dir, tmp_path / "run", epochs=1)
-    trainer.training_loop()
-    assert capsys.readouterr().out.startswith("epoch   1/1  train loss")
-    # As parse_args sets a time limit alone; it stops after one epoch.
-    trainer = make_trainer(task_dir, tmp_path / "run2", max_minutes=1e-6, epochs=EPOCHS_UNDER_A_TIME_LIMIT)
-    trainer.training_loop()
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("epoch   1  train loss") and str(EPOCHS_UNDER_A_TIME_LIMIT) not in "".join(lines)
-
-
 def test_epoch_losses_are_means_over_the_epoch(task_dir, tmp_path):
     trainer = make_trainer(task_dir, tmp_path / "run", Nit=3)
     seen = []
