@@ -38,6 +38,29 @@ def test_notebook_runs_top_to_bottom(tmp_path, data):
     assert "only the last layer changed: True" in outputs
     assert "Every package of requirements.txt is installed." in outputs      # and nothing installed
     assert "device: cpu | precision: " in outputs and "batch size: 4" in outputs
+    # every picture shows as one (a Figure without %matplotlib inline shows as "<Figure size ...>")
+    pictures = sum("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
+    assert pictures >= 8, f"{pictures} pictures shown"
+
+
+def test_the_notebook_steps_through_the_story_with_headings():
+    cells = nbformat.read(ROOT / "main.ipynb", as_version=4).cells
+    headings = [line for cell in cells if cell.cell_type == "markdown"
+                for line in cell.source.splitlines() if line.startswith("## ")]
+    story = [h for h in headings if h[3].isdigit()]
+    assert [h.split()[1] for h in story] == ["0.", "1.", "2.", "3.", "4.", "5.", "6.", "7."], story
+    at = {h.split()[1] if h in story else h.split(":")[0][3:]: i for i, h in enumerate(headings)}
+    assert at["2."] < at["Exercise 3"] < at["3."]      # the sampler, with the data
+    assert at["4."] < at["Exercise 1"] < at["5."]      # the training loop and mixed precision
+    assert at["6."] < at["Exercise 2"] < at["7."]      # fine-tuning, after the evaluation
+    assert at["7."] < at["Tour 1"] < at["Tour 2"]      # the range test and the mean teacher, after the story
+    code = [cell.source for cell in cells if cell.cell_type == "code"]
+    # main.py's builders, called in prepare_training's order; the Trainer built next to training_loop()
+    calls = ["build_data(", "build_network(", "make_optimizer(", "class_weights_of_run(", "make_loss(",
+             "run_info(", "Trainer("]
+    first = [next(i for i, source in enumerate(code) if call in source) for call in calls]
+    assert first == sorted(first)
+    assert code[first[-1] + 1].strip() == "trainer.training_loop()"
 
 
 def test_the_documented_way_to_open_the_notebook_is_installed():
