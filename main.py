@@ -36,7 +36,7 @@ from utils.training.distributed import Place, barrier, start, stop, wrap
 from utils.training.environment import choose_device, seed_everything, versions
 from utils.training.losses import class_weights_of_run, make_loss
 from utils.training.memory import describe_peak, peak_memory, reset_peak
-from utils.training.networks import build_network, check_network_options, downsampling_factor, training_outputs
+from utils.training.networks import build_network, downsampling_factor, training_outputs
 from utils.training.semi_supervised import mean_teacher_term
 
 
@@ -54,7 +54,6 @@ def prepare_training(config: Config, place: Place, after_epoch: Callable[[dict],
         network = {name: saved["config"][name] for name in options(network=True) if name in saved["config"]}
         config = layered(config.typed, config.to_dict(), network)      # the checkpoint's network
     refuse_options_that_do_not_apply(config)
-    check_network_options(config.architecture, config.channels, config.patch_size)
     config = for_device(config, place.device.type)      # e.g. the batch size, if not given
     if place.device.type == "cuda":
         # Every training batch has one shape (the crop), so cuDNN's search for its fastest

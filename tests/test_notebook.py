@@ -10,6 +10,7 @@ from conftest import ROOT, write_task
 REAL_DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", [
     "synthetic",
     pytest.param("real", marks=pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no ../shared/data here")),

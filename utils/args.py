@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from utils.errors import UserError
 from utils.training.losses import CLASS_WEIGHT_POWER, LOSSES
-from utils.training.networks import ARCHITECTURES, DEFAULT_CHANNELS
+from utils.training.networks import ARCHITECTURES, DEFAULT_CHANNELS, check_network_options
 from utils.training.semi_supervised import CONSISTENCY_LOSSES
 
 EPOCHS_UNDER_A_TIME_LIMIT = 100_000
@@ -488,8 +488,8 @@ def for_device(config: Config, device_type: str) -> Config:
 
 def refuse_options_that_do_not_apply(config: Config, settled: Sequence[str] | None = None) -> None:
     """Refuse typed options that this run would ignore: a network's own option given for another
-    network, a mean-teacher option without -mean_teacher, a sweep option without -sweep; and
-    class weights for a loss without a weighted term. `settled`: the options whose values are
+    network, a mean-teacher option without -mean_teacher, a sweep option without -sweep; class
+    weights for a loss without a weighted term; and network options that do not fit together. `settled`: the options whose values are
     final (default: all); an option that belongs to one not yet settled (the network, before a
     checkpoint's is read) is checked later."""
     for field in declared():

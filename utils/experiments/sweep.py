@@ -42,7 +42,6 @@ from utils.args import Config, command_line, options, refuse_options_that_do_not
 from utils.errors import UserError
 from utils.files import written_atomically
 from utils.training.memory import is_out_of_memory, peak_memory, reset_peak
-from utils.training.networks import check_network_options
 from utils.outputs.plots import plot_sweep
 from utils.outputs.report import write_sweep_report
 
@@ -115,7 +114,6 @@ def read_space(path: str, base: Config) -> dict[str, Any]:
             try:
                 config = with_typed(base, {name: value})
                 refuse_options_that_do_not_apply(config)
-                check_network_options(config.architecture, config.channels, config.patch_size)
             except UserError as error:
                 raise UserError(f"-sweep {path}: {name} = {json.dumps(value)}: {error}") from None
         checked[name] = spec
