@@ -38,8 +38,9 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int], as_uin
 
 
 def write_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task04_Hippocampus",
-               affine: np.ndarray | None = None) -> Path:
-    """Write an MSD-layout task folder (dataset.json, imagesTr/, labelsTr/) and return it."""
+               affine: np.ndarray | None = None, two_channels: bool = False) -> Path:
+    """Write an MSD-layout task folder (dataset.json, imagesTr/, labelsTr/) and return it; with
+    `two_channels`, its images are 4D, channels last, with two modalities."""
     rng = np.random.default_rng(seed)
     task = root / name
     (task / "imagesTr").mkdir(parents=True)
@@ -48,12 +49,13 @@ def write_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task04_
     training = []
     for i in range(n_cases):
         shape = tuple(int(s) for s in rng.integers([9, 11, 8], [13, 15, 12]))
-        image, label = synthetic_case(rng, shape, as_uint8=i % 3 == 0)
-        case = f"hippocampus_{i:03d}.nii.gz"
+        image, label = two_channel_case(rng, shape) if two_channels else synthetic_case(rng, shape, as_uint8=i % 3 == 0)
+        case = f"{'case' if two_channels else 'hippocampus'}_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), task / "imagesTr" / case)
         nib.save(nib.Nifti1Image(label, affine), task / "labelsTr" / case)
         training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
-    meta = {"name": "Hippocampus", "modality": {"0": "MRI"},
+    meta = {"name": "TwoChannels" if two_channels else "Hippocampus",
+            "modality": {"0": "T2", "1": "ADC"} if two_channels else {"0": "MRI"},
             "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
             "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
     (task / "dataset.json").write_text(json.dumps(meta, indent=2))
@@ -71,24 +73,7 @@ def two_channel_case(rng: np.random.Generator, shape: tuple[int, int, int]):
 def write_two_channel_task(root: Path, n_cases: int = 8, seed: int = 0, name: str = "Task98_TwoChannels",
                            affine: np.ndarray | None = None) -> Path:
     """Write an MSD-layout task whose images are 4D, channels last, with two modalities."""
-    rng = np.random.default_rng(seed)
-    task = root / name
-    (task / "imagesTr").mkdir(parents=True)
-    (task / "labelsTr").mkdir()
-    affine = np.eye(4) if affine is None else affine
-    training = []
-    for i in range(n_cases):
-        shape = tuple(int(s) for s in rng.integers([9, 11, 8], [13, 15, 12]))
-        image, label = two_channel_case(rng, shape)
-        case = f"case_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), task / "imagesTr" / case)
-        nib.save(nib.Nifti1Image(label, affine), task / "labelsTr" / case)
-        training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
-    meta = {"name": "TwoChannels", "modality": {"0": "T2", "1": "ADC"},
-            "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-            "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
-    (task / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return task
+    return write_task(root, n_cases, seed, name, affine, two_channels=True)
 
 
 @pytest.fixture

@@ -147,9 +147,13 @@ def write_report(run_dir: str | Path, class_names: Sequence[str], failures: dict
     parts.append(details_section(saved))
     seconds = time.monotonic() - started
     parts.append(f"<p><small>Written in {seconds:.1f} s.</small></p>")
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Run report: "
-            f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path = run_dir / "report.html"
+    return write_page(run_dir / "report.html", f"Run report: {run_dir.name}", parts)
+
+
+def write_page(path: Path, title: str, parts: list[str]) -> Path:
+    """One self-contained HTML page (pictures inlined), written whole."""
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     with written_atomically(path, encoding="utf-8") as file:
         file.write(page)
     return path
@@ -262,10 +266,5 @@ def write_sweep_report(sweep_dir: str | Path, rows: Sequence[dict], space: dict)
     ordered = sorted(rows, key=lambda row: -float(row["dice_mean"]) if row.get("dice_mean") not in ("", None) else 1)
     columns = [c for c in (rows[0].keys() if rows else []) if c != "command"]
     parts.append(f"<h2>Trials ({len(rows)}), best first</h2>" + table(ordered, columns))
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Sweep report: "
-            f"{html.escape(sweep_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path = sweep_dir / "sweep.html"
-    with written_atomically(path, encoding="utf-8") as file:
-        file.write(page)
-    return path
+    return write_page(sweep_dir / "sweep.html", f"Sweep report: {sweep_dir.name}", parts)
 
