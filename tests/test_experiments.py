@@ -74,7 +74,7 @@ def test_lr_find_returns_the_model_to_its_weights(task_dir, tmp_path, monkeypatc
         seen["same"] = all(torch.equal(before[k], v) for k, v in trainer.network.state_dict().items())
         return result
 
-    monkeypatch.setattr(entry, "range_test", watched)
+    monkeypatch.setattr(lr_finder, "range_test", watched)
     assert run_main(task_dir, tmp_path / "finder", "-lr_find", "True") == 0
     assert seen["same"]
 
@@ -202,7 +202,7 @@ def test_two_processes_share_one_study_and_never_run_a_point_twice(task_dir, tmp
 
 @pytest.mark.parametrize("space, message", [
     ({"learning_rate": [0.01]}, "'learning_rate' is not an option of main.py"),
-    ({"lr": [0.01, -1]}, 'lr = -1: argument -lr'),
+    ({"lr": [0.01, -1]}, 'lr = -1: -lr -1: -1.0 must be a finite number greater than 0'),
     ({"best_models_dir": ["a", "b"]}, "-best_models_dir cannot be swept"),
     ({"lr": []}, "lr has an empty list"),
     ({"lr": {"low": 0.01}}, 'the range of lr needs "low" and "high"'),

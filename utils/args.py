@@ -347,10 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a 3D U-Net to segment the hippocampus (MSD Task04) with plain PyTorch.",
         argument_default=argparse.SUPPRESS)
-    groups = {}
+    groups = {}                     # group title -> its argument group
     for field in declared():
         meta = field.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = groups[meta["group"]]
         default = DEFAULTS[field.name]
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         help_text = meta["help"] if "(default:" in meta["help"] else f"{meta['help']} (default: {shown})"
@@ -489,9 +491,9 @@ def for_device(config: Config, device_type: str) -> Config:
 def refuse_options_that_do_not_apply(config: Config, settled: Sequence[str] | None = None) -> None:
     """Refuse typed options that this run would ignore: a network's own option given for another
     network, a mean-teacher option without -mean_teacher, a sweep option without -sweep; class
-    weights for a loss without a weighted term; and network options that do not fit together. `settled`: the options whose values are
-    final (default: all); an option that belongs to one not yet settled (the network, before a
-    checkpoint's is read) is checked later."""
+    weights for a loss without a weighted term; and network options that do not fit together.
+    `settled`: the options whose values are final (default: all); an option that belongs to one
+    not yet settled (the network, before a checkpoint's is read) is checked later."""
     for field in declared():
         only_with = field.metadata["only_with"]
         if field.name not in config.typed or only_with is None:
@@ -507,6 +509,8 @@ def refuse_options_that_do_not_apply(config: Config, settled: Sequence[str] | No
     if config.loss == "dice" and config.class_weights is not None:
         raise UserError("-class_weights weights the cross-entropy or focal term, and -loss dice has neither. "
                         "Leave -class_weights out, or pass -loss dicece, ce or dicefocal.")
+    if settled is None:                     # the network's options fit together (e.g. its patch multiple)
+        check_network_options(config.architecture, config.channels, config.patch_size)
 
 
 def refuse_other_values(config: Config, saved: dict, names: Sequence[str]) -> None:
@@ -529,8 +533,10 @@ def refuse_mode_combinations(config: Config) -> None:
     belong to a setting the command does not have, before anything is read. (The network's
     options wait for its checkpoint; under -resume, everything waits for the run's own config.)"""
     modes = modes_of(config)
-    if len(modes) > 1 and ({"lr_find", "sweep"} & set(modes)):
-        raise UserError(f"-{modes[0]} and -{modes[1]} are different kinds of run; give one of them. (To range-test "
+    experiments = [mode for mode in modes if mode in ("lr_find", "sweep")]       # runs of runs
+    if len(modes) > 1 and experiments:
+        other = next(mode for mode in modes if mode != experiments[0])
+        raise UserError(f"-{experiments[0]} and -{other} are different kinds of run; give one of them. (To range-test "
                         f"or sweep from trained weights, pass -train_from_checkpoint.)")
     if not config.resume:
         refuse_options_that_do_not_apply(config, settled=options(network=False))
