@@ -120,5 +120,6 @@ def in_a_temporary_folder(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs main.py in subprocesses (torchrun, kill -9, several sweep "
-                                       "processes, the notebook, every network end to end); "
+                                       "processes, the notebook) or many runs in one (sweeps, every network end "
+                                       "to end); "
                                        "`python -m pytest -q -m \"not slow\"` leaves them out")

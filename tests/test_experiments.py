@@ -120,6 +120,7 @@ def test_a_two_trial_grid_gives_two_ordinary_runs_a_table_a_picture_and_the_best
     assert entry.main(["-evaluate", "True", "-best_models_dir", str(out_dir / "trial_0"), "-device", "cpu"]) == 0
 
 
+@pytest.mark.slow
 def test_out_of_memory_and_a_non_finite_loss_are_results_and_the_sweep_goes_on(task_dir, tmp_path, monkeypatch, capsys):
     original = Trainer.forward_pass
 
@@ -140,6 +141,7 @@ def test_out_of_memory_and_a_non_finite_loss_are_results_and_the_sweep_goes_on(t
     assert states["4"].startswith("failed: NonFiniteLossError: The training loss became nan")
 
 
+@pytest.mark.slow
 def test_a_trial_behind_is_pruned_and_recorded_with_its_epochs(task_dir, tmp_path, monkeypatch):
     # A pruner that stops every trial after its second epoch, so the test does not depend on
     # which trial learns faster; the MedianPruner gets the same reports.
@@ -152,6 +154,7 @@ def test_a_trial_behind_is_pruned_and_recorded_with_its_epochs(task_dir, tmp_pat
     assert load_checkpoint(out_dir / "trial_1" / "last.pt")["epoch"] == 2      # it can still be resumed
 
 
+@pytest.mark.slow
 def test_the_median_pruner_is_fed_every_epochs_mean_dice(task_dir, tmp_path):
     out_dir = tmp_path / "sweep"
     assert run_main(task_dir, out_dir, "-epochs", "3", "-sweep", write_space(tmp_path, {"lr": [0.05]})) == 0
@@ -226,6 +229,7 @@ def test_a_bad_space_stops_main_with_the_reason_and_no_trial(task_dir, tmp_path,
     assert not (out_dir / "trial_0").exists()
 
 
+@pytest.mark.slow
 def test_a_range_space_runs_trials_trials_with_values_inside_it(task_dir, tmp_path):
     out_dir = tmp_path / "sweep"
     space = write_space(tmp_path, {"lr": {"low": 0.001, "high": 0.1, "log": True}, "batch_size": [2, 3]})
@@ -234,6 +238,7 @@ def test_a_range_space_runs_trials_trials_with_values_inside_it(task_dir, tmp_pa
     assert len(rows) == 3 and all(0.001 <= float(r["lr"]) <= 0.1 and r["batch_size"] in ("2", "3") for r in rows)
 
 
+@pytest.mark.slow
 def test_another_space_in_the_same_folder_is_refused(task_dir, tmp_path, capsys):
     out_dir = tmp_path / "sweep"
     assert run_main(task_dir, out_dir, "-epochs", "1", "-sweep", write_space(tmp_path, {"lr": [0.05]})) == 0

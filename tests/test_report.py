@@ -1,3 +1,4 @@
+import pytest
 """report.html: self-contained (every picture embedded, no external address), its figures equal
 to metrics.csv's best row and -evaluate's summary, and written however a run ends."""
 import csv
@@ -92,6 +93,7 @@ def test_the_time_limit_is_named(task_dir, tmp_path):
     assert "the time limit of 0.0001 minutes" in read_page(tmp_path / "timed").text
 
 
+@pytest.mark.slow
 def test_a_sweep_gets_its_page_with_every_trial_and_the_best_command(task_dir, tmp_path):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"lr": [0.02, 0.05]}))
