@@ -1,9 +1,10 @@
-import pytest
 """report.html: self-contained (every picture embedded, no external address), its figures equal
 to metrics.csv's best row and -evaluate's summary, and written however a run ends."""
 import csv
 import json
 from html.parser import HTMLParser
+
+import pytest
 
 import main as entry
 from conftest import TINY, interrupt_validation
