@@ -152,6 +152,9 @@ def test_a_config_file_is_layered_under_the_typed_options(tmp_path):
     path.write_text(json.dumps({"config": {**parse_args(["-lr", "0.02", "-Nit", "7"]).to_dict(), "config": "x"}}))
     config = parse_args(["-config", str(path), "-Nit", "3"])
     assert (config.lr, config.Nit, config.config) == (0.02, 3, str(path))      # the file it came from
+    path.write_text(json.dumps({"config": {**parse_args(["-resume", "-lr", "0.03"]).to_dict()}}))
+    config = parse_args(["-config", str(path)])                    # a resumed run's config.json repeats as a new run
+    assert (config.lr, config.resume) == (0.03, False)
 
 
 def test_option_lists_come_from_the_declarations():

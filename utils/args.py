@@ -401,7 +401,8 @@ def finished(typed: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The options of a run's config.json (or of a plain {option: value} file)."""
+    """The options of a run's config.json (or of a plain {option: value} file), but its mode
+    (-resume, -evaluate, ...)."""
     try:
         with open(path) as file:
             saved = json.load(file)
@@ -410,7 +411,9 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise ValueError("it is not a JSON object")
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"argument -config: {path} is not a config.json ({error})") from None
-    return {name: value for name, value in saved.items() if name in OPTIONS and name != "config"}
+    # A run's settings, not what kind of run it was: a resumed run's config.json repeats as a new run.
+    left_out = ("config", *options(mode=True))
+    return {name: value for name, value in saved.items() if name in OPTIONS and name not in left_out}
 
 
 def layered(typed: dict[str, Any], *saved: dict[str, Any]) -> Config:
