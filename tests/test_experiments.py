@@ -187,6 +187,19 @@ def test_an_interrupted_sweep_continues_without_running_finished_trials_again(ta
 
 
 @pytest.mark.slow
+def test_a_finished_sweep_run_again_starts_no_trial(task_dir, tmp_path, capsys):
+    # (Optuna's MaxTrialsCallback, checked after a trial, would run a third one here: sweep.work_left.)
+    out_dir = tmp_path / "sweep"
+    command = ["-epochs", "1", "-trials", "2", "-sweep", write_space(tmp_path, {"lr": {"low": 0.01, "high": 0.05}})]
+    assert run_main(task_dir, out_dir, *command) == 0
+    first = sweep_table(out_dir)
+    capsys.readouterr()
+    assert run_main(task_dir, out_dir, *command) == 0
+    assert "--- trial" not in capsys.readouterr().out
+    assert sweep_table(out_dir) == first and [r["state"] for r in first] == ["complete", "complete"]
+
+
+@pytest.mark.slow
 def test_two_processes_share_one_study_and_never_run_a_point_twice(task_dir, tmp_path):
     out_dir = tmp_path / "sweep"
     space = write_space(tmp_path, {"lr": [0.01, 0.02, 0.03, 0.04]})

@@ -2,6 +2,7 @@
 import json
 import re
 
+import monai
 import nibabel as nib
 import pytest
 import torch
@@ -174,13 +175,26 @@ def test_deep_supervision_weights_are_nnunets():
     assert deep_supervision_weights(1) == [1.0]
 
 
-def test_deep_supervision_loss_weighs_each_output_and_is_plain_on_one():
+def test_deep_supervision_loss_is_monais_weighs_each_output_and_is_plain_on_one():
     base = segmentation_loss("dicece")
     outputs, labels = torch.randn(2, 3, 3, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8))
     loss = DeepSupervisionLoss(base, [0.5, 0.3, 0.2])
+    assert isinstance(loss, monai.losses.DeepSupervisionLoss)
     expected = sum(w * base(outputs[:, i], labels) for i, w in enumerate([0.5, 0.3, 0.2]))
-    assert loss(outputs, labels).item() == pytest.approx(expected.item())
-    assert loss(outputs[:, 0], labels).item() == pytest.approx(base(outputs[:, 0], labels).item())
+    assert torch.equal(loss(outputs, labels), expected)      # bit for bit the hand-written sum it replaced
+    assert torch.equal(loss(outputs[:, 0], labels), base(outputs[:, 0], labels))
+
+
+def test_deep_supervision_loss_computes_in_fp32_and_passes_gradients_to_every_output():
+    base = segmentation_loss("dicece")
+    outputs = torch.randn(2, 3, 3, 8, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    loss = DeepSupervisionLoss(base, deep_supervision_weights(3))
+    half = loss(outputs.bfloat16(), labels)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, loss(outputs.bfloat16().float(), labels))
+    loss(outputs, labels).backward()
+    assert all(outputs.grad[:, i].abs().sum() > 0 for i in range(3))
 
 
 def test_class_weights_auto_rule_on_a_known_histogram():

@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.utils import set_determinism
 
 import main as entry
 from conftest import ROOT, TINY, learning_figures, write_task
 from utils.training import checkpoint as checkpoint_module
 from utils.training.checkpoint import load_checkpoint
+from utils.training.environment import seed_everything
 from utils.errors import CheckpointError
 
 EPOCHS = ["-epochs", "3"]
@@ -120,6 +123,20 @@ def test_same_seed_gives_identical_metrics(task_dir, tmp_path, workers):
     for name in ("a", "b"):
         assert entry.main(options(task_dir, tmp_path / name, "-num_workers", workers)) == 0
     assert metrics_text(tmp_path / "a") == metrics_text(tmp_path / "b")
+
+
+def test_seed_everything_draws_as_monais_set_determinism_and_leaves_cudnn_alone():
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        seed_everything(7)
+        ours = random.random(), np.random.rand(), torch.rand(3).tolist()
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        set_determinism(7)
+        assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == ours
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)   # what it would undo
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
 
 
 # ---------------------------------------------------------------- bad input, end to end

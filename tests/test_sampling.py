@@ -1,11 +1,16 @@
-"""EvenSampler: exact epochs, even and equiprobable draws, carried-over permutations, state."""
+"""EvenSampler: exact epochs, even and equiprobable draws, carried-over permutations, state; and
+patch_window's foreground crops (MONAI's centres), exact resume with them."""
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
-from utils.data.sampling import EvenSampler, spread_repeats
+import main as entry
+from conftest import TINY, interrupt_validation, learning_figures
+from utils.data.sampling import EvenSampler, patch_window, spread_repeats
+from utils.training.checkpoint import load_checkpoint
 
 
 def epoch_counts(sampler: EvenSampler, epochs: int) -> list[Counter]:
@@ -101,3 +106,36 @@ def test_sampler_state_round_trip_with_batches():
     b = EvenSampler(9, 20, seed=99, batch_size=4)
     b.load_state_dict(a.state_dict())
     assert [list(a) for _ in range(4)] == [list(b) for _ in range(4)]
+
+
+@pytest.mark.parametrize("voxel", [(0, 0, 0), (10, 31, 5), (19, 63, 9), (3, 60, 2)])
+def test_a_foreground_crop_is_centred_on_the_voxel_or_moved_just_inside_the_volume(voxel):
+    shape, patch = (20, 64, 10), (16, 16, 16)                     # z: the volume is thinner than the patch
+    foreground = np.array([[1, *voxel]], np.int32)
+    window = patch_window(shape, patch, foreground, foreground_crops=1.0)
+    sizes = [min(p, s) for p, s in zip(patch, shape)]
+    assert [w.stop - w.start for w in window] == sizes
+    for w, v, size, side in zip(window, voxel, sizes, shape):
+        assert 0 <= w.start <= v < w.stop <= side
+        assert w.start == min(max(v - size // 2, 0), side - size)  # centred, unless the edge is nearer
+
+
+def test_foreground_crops_draw_each_present_class_alike():
+    foreground = np.array([[1, 2, 2, 2]] * 99 + [[2, 17, 60, 7]], np.int32)    # class 2: one voxel of 100
+    np.random.seed(0)
+    starts = Counter(patch_window((20, 64, 10), (16, 16, 16), foreground, 1.0)[1].start for _ in range(2000))
+    assert set(starts) == {0, 48} and starts[48] / 2000 == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_run_with_foreground_crops_resumes_exactly(task_dir, tmp_path, monkeypatch):
+    options = ["-data_dir", str(task_dir), *TINY, "-epochs", "3", "-patch_size", "8", "8", "8",
+               "-foreground_crops", "1.0"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert entry.main([*options, "-best_models_dir", str(whole)]) == 0
+    interrupt_validation(monkeypatch, at_call=2)
+    assert entry.main([*options, "-best_models_dir", str(parts)]) == 130
+    monkeypatch.undo()
+    assert entry.main(["-best_models_dir", str(parts), "-resume", "True"]) == 0
+    assert learning_figures(parts) == learning_figures(whole)
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 import main as entry
 from conftest import TINY, interrupt_validation, learning_figures, write_task
@@ -44,17 +45,41 @@ def test_the_ramp_rises_from_near_zero_to_the_weight():
     assert teacher.ramp(0.4) == teacher.ramp(0.9) == 0.1
 
 
-def test_the_teacher_is_an_exponential_average_of_the_student():
+def test_the_teacher_is_torchs_exponential_average_of_the_student_from_its_first_update():
     student = torch.nn.Linear(2, 1)
     mean = MeanTeacher(student, weight=1.0, rampup=0.0, ema_decay=0.9, loss="mse", threshold=0.9)
-    before = mean.teacher.weight.clone()
+    assert isinstance(mean.teacher, AveragedModel)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    mean.update(student, step=1)                   # the first update copies the student
+    assert torch.equal(mean.teacher.module.weight, student.weight)
+    before = student.weight.clone()
     with torch.no_grad():
         student.weight.add_(1.0)
     mean.update(student, step=100)                 # late in the run: the full decay
-    assert torch.allclose(mean.teacher.weight, 0.9 * before + 0.1 * student.weight)
-    assert not mean.teacher.weight.requires_grad
-    mean.update(student, step=1)                   # the first steps follow the student closely
-    assert torch.allclose(mean.teacher.weight, 0.5 * (0.9 * before + 0.1 * student.weight) + 0.5 * student.weight)
+    assert torch.allclose(mean.teacher.module.weight, 0.9 * before + 0.1 * student.weight)
+    assert not mean.teacher.module.weight.requires_grad
+    teacher = mean.teacher.module.weight.clone()
+    mean.update(student, step=2)                   # the first steps follow the student closely
+    assert torch.allclose(mean.teacher.module.weight, 2 / 3 * teacher + 1 / 3 * student.weight)
+
+
+def test_the_teachers_state_keeps_the_students_keys_and_its_updates_and_loads_old_checkpoints():
+    student = torch.nn.Linear(2, 1)
+    mean = MeanTeacher(student, 1.0, 0.0, 0.99, loss="mse", threshold=0.9)
+    mean.update(student, step=1)
+    mean.update(student, step=2)
+    state = mean.state_dict()
+    assert set(state["teacher"]) == set(student.state_dict()) and state["updates"] == 2
+    again = MeanTeacher(torch.nn.Linear(2, 1), 1.0, 0.0, 0.99, loss="mse", threshold=0.9)
+    again.load_state_dict(state)
+    assert torch.equal(again.teacher.module.weight, mean.teacher.module.weight) and again.teacher.n_averaged == 2
+    old = MeanTeacher(torch.nn.Linear(2, 1), 1.0, 0.0, 0.99, loss="mse", threshold=0.9)
+    old.load_state_dict({"teacher": state["teacher"]})           # saved before "updates" was kept
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    old.update(student, step=1000)                               # averages: not the first update's copy
+    assert not torch.equal(old.teacher.module.weight, student.weight)
 
 
 def test_consistency_is_zero_for_agreeing_scores_and_grows_with_disagreement():
@@ -98,6 +123,7 @@ def test_mean_teacher_trains_with_a_labelled_fraction_and_resumes_exactly(task_d
     a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["mean_teacher"]["teacher"][k], b["mean_teacher"]["teacher"][k]) for k in a["model"])
+    assert a["mean_teacher"]["updates"] == b["mean_teacher"]["updates"] > 0
 
 
 def test_weight_zero_trains_exactly_as_without_the_method_and_a_weight_changes_it(task_dir, tmp_path):

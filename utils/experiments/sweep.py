@@ -195,7 +195,13 @@ def make_storage(url: str | None, sweep_dir: Path):
 
 def open_study(storage, space: dict, base: Config, seed: int) -> optuna.Study:
     """Create the study, or join the one that the same command created before (or in another
-    process). A study of another space is refused."""
+    process). A study of another space is refused.
+
+    Not create_study(load_if_exists=True): it is this same try/except DuplicatedStudyError
+    (optuna/study/study.py, Optuna 5.1), but returns the study either way, and only the process that
+    created the study may record its identity. A process that joined and found none could not tell
+    a creator still writing from one that died, would have to write its own, and two commands of
+    different spaces started together could then both go on."""
     sampler = (GridSampler({name: [choice(v) for v in spec] for name, spec in space.items()}, seed=seed)
                if is_grid(space) else optuna.samplers.TPESampler())
     pruner = make_pruner()
@@ -396,7 +402,13 @@ def free_memory(device: torch.device) -> None:
 
 def work_left(study: optuna.Study, space: dict, trials: int) -> bool:
     """Whether a process should start another trial: a trial is queued (an interrupted or dead
-    one's options), or fewer trials than wanted have been started (see covers_its_point)."""
+    one's options), or fewer trials than wanted have been started (see covers_its_point).
+
+    Not Optuna's MaxTrialsCallback(trials, states): it counts by TrialState after a trial ends, so
+    a process always runs one trial first (measured, Optuna 5.1: the same command run twice on a
+    finished 2-trial study left 3 trials), and it cannot tell an interrupted trial (to be run again)
+    from an out-of-memory one (done): both are FAIL, told apart only by the state this module
+    records."""
     with warnings.catch_warnings():               # "experimental" since Optuna 2.9, and still there
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # dead processes' trials: failed and queued again
@@ -441,7 +453,12 @@ def run_sweep(config: Config, train: Callable, device: torch.device) -> optuna.S
 
 
 def sweep_rows(study: optuna.Study, space: dict) -> list[dict]:
-    """One row per trial of sweep.csv."""
+    """One row per trial of sweep.csv.
+
+    Not Study.trials_dataframe(): it needs pandas, which is not a requirement (here it raises
+    ImportError), and its table would still need all of this: it names the columns params_lr,
+    user_attrs_results, ..., keeps each nested dict (a trial's results, its peak memory) in one
+    cell, keeps queued and surplus trials, and has Optuna's states, not why a trial ended."""
     rows = []
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)

@@ -85,6 +85,7 @@ def upgraded(state: dict, path: str | Path) -> dict:
         state.setdefault("unlabelled_ids", None)
         if "mean_teacher" in state:
             state.setdefault("steps", 0)
+            state["mean_teacher"].setdefault("updates", 1)     # its teacher had been averaged (not counted)
         state["format_version"] = FORMAT_VERSION
     return state
 

@@ -23,6 +23,13 @@ def choose_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (torch.manual_seed seeds every GPU's too).
+
+    Not monai.utils.set_determinism(seed): its seeding is these same three calls (the same draws
+    follow, tests/test_reliability.py), but it also sets torch.backends.cudnn.deterministic = True
+    and cudnn.benchmark = False for the whole process, which would undo main.py's
+    cudnn.benchmark = True (every training batch has one shape, so cuDNN's kernel search pays off).
+    What that costs on a GPU is not measured yet (no GPU in the session that checked this)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

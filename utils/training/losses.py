@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import monai.losses
 import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
@@ -108,25 +109,26 @@ def segmentation_loss(name: str = "dicece", class_weights: Sequence[float] | Non
 def deep_supervision_weights(outputs: int) -> list[float]:
     """nnU-Net's weights of the decoder outputs, full resolution first: 1/2 ** i, normalised to
     sum 1. (nnU-Net also has an output below these, which it weights 0; our DynUNet has no head
-    there, so the weights are the same.)"""
+    there, so the weights are the same.) MONAI's DeepSupervisionLoss(weight_mode="exp") has
+    1/2 ** i unnormalised and floored at 1/16 (1, 0.5, 0.25: the loss 1.75 times larger for three
+    outputs, so the learning rate would change its meaning); these are given to it instead."""
     raw = [0.5 ** i for i in range(outputs)]
     return [w / sum(raw) for w in raw]
 
 
-class DeepSupervisionLoss(nn.Module):
-    """`base` on each of a DynUNet's training outputs, weighted. In training mode with deep
-    supervision, MONAI's DynUNet returns them stacked, (B, outputs, K, D, H, W), each upsampled to
-    full resolution; in eval mode, only the full-resolution scores (B, K, D, H, W), which get `base`
-    alone (the validation loss)."""
+class DeepSupervisionLoss(monai.losses.DeepSupervisionLoss):
+    """MONAI's deep supervision loss (`base` on each output, weighted by `weights`, summed), fed the
+    way MONAI's DynUNet returns its outputs. In training mode with deep supervision the DynUNet
+    returns them stacked, (B, outputs, K, D, H, W), each upsampled to full resolution, where MONAI's
+    loss takes a list; in eval mode, only the full-resolution scores (B, K, D, H, W), which get
+    `base` alone (the validation loss). MONAI's loss computes each term in fp32 (it casts the
+    logits), and in fp32 its sum is bit for bit the hand-written one it replaced."""
 
     def __init__(self, base: nn.Module, weights: Sequence[float]):
-        super().__init__()
-        self.base, self.weights = base, list(weights)
+        super().__init__(base, weights=list(weights))
 
     def forward(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if outputs.ndim == labels.ndim:
-            return self.base(outputs, labels)
-        return sum(weight * self.base(scores, labels) for weight, scores in zip(self.weights, outputs.unbind(1)))
+        return super().forward(list(outputs.unbind(1)) if outputs.ndim > labels.ndim else outputs, labels)
 
 
 def make_loss(name: str = "dicece", class_weights: list[float] | None = None, outputs: int = 1) -> nn.Module:

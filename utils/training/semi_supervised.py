@@ -20,12 +20,12 @@ method, and -consistency_weight 0 trains exactly as without it.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from utils.errors import UserError
 
@@ -34,13 +34,15 @@ CONSISTENCY_LOSSES = ("mse", "pseudo_label")
 
 
 class MeanTeacher:
+    """The teacher (torch's AveragedModel of the student, with torch's EMA update), the ramp-up of
+    the consistency weight, and the consistency loss."""
+
     def __init__(self, student: nn.Module, weight: float, rampup: float, ema_decay: float, loss: str,
                  threshold: float):
         if loss not in CONSISTENCY_LOSSES:
             raise ValueError(f"consistency loss {loss!r}: one of {', '.join(CONSISTENCY_LOSSES)}")
-        self.teacher = copy.deepcopy(student).eval()
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad_(False)
+        # A deep copy of the student; its count of updates stays on the CPU, so no step waits for the GPU.
+        self.teacher = AveragedModel(student).eval().requires_grad_(False)
         self.weight, self.rampup, self.ema_decay = weight, rampup, ema_decay
         self.loss, self.threshold = loss, threshold
 
@@ -66,19 +68,20 @@ class MeanTeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
-        """teacher <- decay * teacher + (1 - decay) * student; early on (step < 1 / (1 - decay))
-        the decay is lower, so the teacher is not stuck at its random start (Tarvainen's rule)."""
-        decay = min(self.ema_decay, 1 - 1 / (step + 1))
-        for t, s in zip(self.teacher.parameters(), student.parameters()):
-            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-        for t, s in zip(self.teacher.buffers(), student.buffers()):
-            t.copy_(s)
+        """teacher <- decay * teacher + (1 - decay) * student (torch's get_ema_multi_avg_fn); the
+        first update copies the student (AveragedModel's start), and early on (step < 1 / (1 - decay))
+        the decay is lower, so the teacher is not stuck near its start (Tarvainen's rule). The
+        student's buffers, if any, are copied."""
+        self.teacher.multi_avg_fn = get_ema_multi_avg_fn(min(self.ema_decay, 1 - 1 / (step + 1)))
+        self.teacher.update_parameters(student)
 
     def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
+        """The teacher's weights (the student's keys) and its number of updates."""
+        return {"teacher": self.teacher.module.state_dict(), "updates": int(self.teacher.n_averaged)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        self.teacher.module.load_state_dict(state["teacher"])
+        self.teacher.n_averaged.fill_(state["updates"])
 
 
 class MeanTeacherTerm:
