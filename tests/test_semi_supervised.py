@@ -13,6 +13,7 @@ from conftest import TINY, interrupt_validation, learning_figures, write_task
 from utils.training.checkpoint import load_checkpoint
 from utils.data_class import labelled_subset
 from utils.data.layouts import read_task, read_unlabelled
+from utils.training.checkpoint import upgraded
 from utils.training.semi_supervised import MeanTeacher
 
 
@@ -75,7 +76,10 @@ def test_the_teachers_state_keeps_the_students_keys_and_its_updates_and_loads_ol
     again.load_state_dict(state)
     assert torch.equal(again.teacher.module.weight, mean.teacher.module.weight) and again.teacher.n_averaged == 2
     old = MeanTeacher(torch.nn.Linear(2, 1), 1.0, 0.0, 0.99, loss="mse", threshold=0.9)
-    old.load_state_dict({"teacher": state["teacher"]})           # saved before "updates" was kept
+    # A version-1 checkpoint, saved before "updates" was kept, is upgraded where checkpoints are read.
+    version_1 = {"model_config": {"architecture": "unet"}, "preprocessing": {"target_shape": [4, 4, 4]},
+                 "mean_teacher": {"teacher": state["teacher"]}}
+    old.load_state_dict(upgraded(version_1, "old.pt")["mean_teacher"])
     with torch.no_grad():
         student.weight.add_(1.0)
     old.update(student, step=1000)                               # averages: not the first update's copy

@@ -1,5 +1,4 @@
 import csv
-import dataclasses
 import math
 import os
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.args import EPOCHS_UNDER_A_TIME_LIMIT, config_from_dict
+from utils.args import config_from_dict
 from utils.training.checkpoint import load_checkpoint
 from utils.data.cache import load_cases
 from utils.data_class import split_cases, train_loader
