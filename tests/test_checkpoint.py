@@ -84,3 +84,6 @@ def test_a_version_1_checkpoint_is_upgraded_where_it_is_read_and_others_are_refu
     torch.save({**old, "format_version": FORMAT_VERSION + 1}, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}; this program reads versions 1"):
         load_checkpoint(tmp_path / "new.pt")
+    torch.save({**old, "format_version": "2"}, tmp_path / "odd.pt")          # not a number: a sentence too
+    with pytest.raises(CheckpointError, match="format version 2; this program reads versions 1"):
+        load_checkpoint(tmp_path / "odd.pt")

@@ -72,7 +72,7 @@ def upgraded(state: dict, path: str | Path) -> dict:
     training scans' extent (read as their shape at Task04's 1 mm), the labelled share, the unlabelled
     scans and the teacher's step count (kept at the top level then)."""
     version = state.get("format_version", 1)
-    if version > FORMAT_VERSION or not isinstance(version, int):
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version}; this program reads versions 1 to "
                               f"{FORMAT_VERSION}. Use the version of this program that wrote it, or a newer one.")
     if version == 1:
