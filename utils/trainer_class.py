@@ -181,8 +181,9 @@ class Trainer:
                 self.best_metric, self.epochs_without_improvement = mean_dice, 0
             else:
                 self.epochs_without_improvement += 1
+            extra = self.extra_loss.epoch_columns() if self.extra_loss is not None else None
             row = self.run_log.epoch(self.epoch, train_loss, metrics, self.optimizer.param_groups[0]["lr"], improved,
-                                     self.minutes_trained(), self.extra_loss and self.extra_loss.epoch_columns())
+                                     self.minutes_trained(), extra)
             if improved:
                 self.save("best.pt")
             self.save("last.pt")
